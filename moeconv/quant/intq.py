@@ -1,0 +1,249 @@
+"""Group-wise round-to-nearest integers: the ``int`` family of format v1.
+
+The numerics are those of ``spec/FORMAT.md`` (and ``/tmp/CONTRACT.md``):
+float16-rounded scales, float16 (not integer-rounded) zero points, round half
+to even, codes packed into a little-endian bit stream per row.  Every function
+is a handful of whole-tensor torch ops on the tensor's own device, so CPU and
+CUDA run the same code and give the same bits.
+
+Two details keep CUDA bit-identical to CPU: divisions by constants are done by
+a tensor on the device (PyTorch's CUDA kernels turn division by a Python
+scalar into multiplication by its reciprocal, which rounds differently), and
+multiply/add pairs are separate kernels, so nothing is fused into an FMA.
+
+The building blocks (:func:`group_params`, :func:`quantize_codes`,
+:func:`pack_codes`, :func:`unpack_codes`) are public because GPTQ and AWQ
+reuse them column by column; :func:`quantize_int` / :func:`dequantize_int`
+are the whole-matrix round-to-nearest path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "group_params",
+    "quantize_codes",
+    "pack_codes",
+    "unpack_codes",
+    "quantize_int",
+    "dequantize_int",
+    "CHUNK_ELEMENTS",
+]
+
+#: Elements of float32 scratch per row chunk (1 MiB): large enough to amortize
+#: op dispatch, small enough that a chunk's temporaries stay in L2/L3 cache
+#: instead of streaming a full-size float32 copy of the weight through memory.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def _div(x: torch.Tensor, constant: float) -> torch.Tensor:
+    """``x / constant`` as a true IEEE division on every device (see the module docstring)."""
+    return x / torch.tensor(constant, dtype=torch.float32, device=x.device)
+
+
+def _fp16_round(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _signed_absmax(w: torch.Tensor) -> torch.Tensor:
+    """The element of largest ``|w|`` over the last dim, with its sign; the first one on ties.
+
+    Computed from the group max and min (``amax``/``amin`` are much faster
+    than ``aminmax`` or an ``argmax`` over short rows); only groups where
+    ``max == -min`` (a positive and a negative element tie) need the
+    position, and only those few are resolved with an argmax.
+    """
+    mn, mx = w.amin(dim=-1), w.amax(dim=-1)
+    m = torch.where(mx >= -mn, mx, mn)
+    tie = (mx == -mn) & (mx > 0)
+    if bool(tie.any()):
+        tied = w[tie]
+        first = tied.abs().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
+        m[tie] = tied.gather(-1, first).squeeze(-1)
+    return m
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the group formed by the last dim of ``w``.
+
+    ``w`` holds the group's real elements only (no padding).  Returns two
+    float32 tensors of shape ``w.shape[:-1]`` that hold float16-representable
+    values, exactly what is stored.  Asymmetric: ``s = fp16((max(w,0) -
+    min(w,0)) / (2^b - 1))``, ``z = fp16(-min(w,0) / s)``.  Symmetric: ``s =
+    fp16(m / -2^(b-1))`` with ``m`` the signed element of largest magnitude,
+    and ``zero`` is the constant ``2^(b-1)`` so that ``(c - zero) * s``
+    dequantizes both kinds.  A scale that rounds to 0 becomes 1.  Non-finite
+    inputs give non-finite scales (callers check).
+    """
+    w = w.float()
+    if symmetric:
+        scale = _fp16_round(_div(_signed_absmax(w), -float(2 ** (bits - 1))))
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+    mn = w.amin(dim=-1).clamp_(max=0)
+    mx = w.amax(dim=-1).clamp_(min=0)
+    scale = _fp16_round(_div(mx - mn, float(2**bits - 1)))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = _fp16_round(-mn / scale)
+    return scale, zero
+
+
+def _codes_inplace(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Overwrite float32 ``w`` with its codes (still float32, integer-valued)."""
+    if symmetric:
+        half = 2 ** (bits - 1)
+        return w.div_(scale).round_().clamp_(-half, half - 1).add_(half)
+    return w.div_(scale).add_(zero).round_().clamp_(0, 2**bits - 1)
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """uint8 codes of ``w`` for the given scale and zero (broadcast against ``w`` by torch rules).
+
+    Asymmetric: ``clamp(round_half_even(w / s + z), 0, 2^b - 1)``; symmetric:
+    ``clamp(round_half_even(w / s), -2^(b-1), 2^(b-1) - 1) + 2^(b-1)`` (``zero``
+    is then unused; it is always ``2^(b-1)``).  All in float32.
+    """
+    out = torch.broadcast_to(w, torch.broadcast_shapes(w.shape, scale.shape, zero.shape))
+    out = out.to(torch.float32, copy=True)
+    return _codes_inplace(out, scale.float(), zero.float(), bits, symmetric).to(torch.uint8)
+
+
+def _row_bytes(n_codes: int, bits: int) -> int:
+    return math.ceil(n_codes * bits / 8)
+
+
+def _pack_int16(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack int16 codes ``[rows, n]`` (n a multiple of 8, contiguous) into LSB-first bytes.
+
+    Adjacent codes sit 16 bits apart in the little-endian integer view of the
+    row; a few shift-or steps on those wide lanes move each code to its bit
+    offset, so every op is a whole-tensor integer op (no strided byte access).
+    """
+    rows = codes.shape[0]
+    if bits == 8:
+        return codes.to(torch.uint8)
+    if bits == 4:
+        v = codes.view(torch.int32)  # c0 | c1 << 16
+        return ((v | (v >> 12)) & 0xFF).to(torch.uint8)
+    v = codes.view(torch.int64)  # c0 | c1 << 16 | c2 << 32 | c3 << 48
+    if bits == 2:
+        v = v | (v >> 14)  # c0 | c1 << 2 at bit 0, c2 | c3 << 2 at bit 32
+        return ((v | (v >> 28)) & 0xFF).to(torch.uint8)
+    v = v | (v >> 13)  # 3 bits: c0 | c1 << 3 at bit 0, c2 | c3 << 3 at bit 32
+    v = (v | (v >> 26)) & 0xFFF  # 4 codes in 12 bits
+    v = v.view(rows, -1, 2)
+    word = v[..., 0] | (v[..., 1] << 12)  # 8 codes in 24 bits
+    return torch.stack([word & 0xFF, (word >> 8) & 0xFF, word >> 16], dim=-1).to(torch.uint8).view(rows, -1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[rows, n]`` into ``[rows, ceil(n*bits/8)]`` bytes, LSB-first per row.
+
+    Code ``i`` of a row occupies bits ``[i*bits, (i+1)*bits)`` of the row's bit
+    stream, stream bit ``k`` being bit ``k % 8`` of byte ``k // 8``.  Eight
+    codes always fill exactly ``bits`` bytes, so rows are padded with zero
+    codes to a multiple of 8, packed, and cut back.
+    """
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ValueError(f"pack_codes needs a 2-D uint8 tensor, got {codes.dtype} {list(codes.shape)}")
+    return _pack(codes.to(torch.int16), bits)
+
+
+def _pack(codes16: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"codes can be packed with 2, 3, 4 or 8 bits, got {bits}")
+    n = codes16.shape[1]
+    pad = -n % 8
+    codes16 = torch.nn.functional.pad(codes16, (0, pad)) if pad else codes16.contiguous()
+    packed = _pack_int16(codes16, bits)
+    row_bytes = _row_bytes(n, bits)
+    return packed if packed.shape[1] == row_bytes else packed[:, :row_bytes].contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes ``[rows, n_codes]`` from packed rows."""
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_codes needs a 2-D uint8 tensor, got {packed.dtype} {list(packed.shape)}")
+    rows, row_bytes = packed.shape
+    if row_bytes < _row_bytes(n_codes, bits):
+        raise ValueError(f"{row_bytes} bytes per row cannot hold {n_codes} codes of {bits} bits")
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.view(rows, -1)[:, :n_codes].contiguous()
+    pad = -row_bytes % bits
+    if pad:
+        packed = torch.nn.functional.pad(packed, (0, pad))
+    b = packed.view(rows, -1, bits).to(torch.int32)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=packed.device)
+    codes = ((word.unsqueeze(-1) >> shifts) & 7).to(torch.uint8)
+    return codes.view(rows, -1)[:, :n_codes].contiguous()
+
+
+def quantize_int(
+    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Round-to-nearest quantization of a 2-D weight into ``qweight``/``scales``(/``zeros``).
+
+    Returns ``(parts, finite)`` where ``finite`` is a 0-dim bool tensor, False
+    when some scale or zero point is not finite (a NaN/Inf in the weight, or a
+    group range beyond float16); the caller turns that into an error that
+    names the weight.  Keeping it a tensor avoids a device sync per chunk.
+
+    Rows are processed in chunks of about :data:`CHUNK_ELEMENTS` elements:
+    each chunk is copied once into a reused float32 scratch buffer (padded to
+    whole groups with zeros, which cannot change ``min(w, 0)``, ``max(w, 0)``
+    or the largest magnitude), turned into codes in place, and packed.  The
+    loop is over chunks for cache locality; inside a chunk everything is
+    whole-tensor ops.
+    """
+    rows, cols = weight.shape
+    n_groups = math.ceil(cols / group_size)
+    padded = n_groups * group_size
+    device = weight.device
+    qweight = torch.empty(rows, _row_bytes(padded, bits), dtype=torch.uint8, device=device)
+    scales = torch.empty(rows, n_groups, dtype=torch.float16, device=device)
+    zeros = None if symmetric else torch.empty(rows, n_groups, dtype=torch.float16, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    chunk = max(1, CHUNK_ELEMENTS // padded)
+    scratch = torch.zeros(min(chunk, rows), padded, dtype=torch.float32, device=device)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        buf = scratch[: r1 - r0]
+        buf[:, :cols].copy_(weight[r0:r1])
+        groups = buf.view(r1 - r0, n_groups, group_size)
+        scale, zero = group_params(groups, bits, symmetric)
+        finite &= torch.isfinite(scale).all() & torch.isfinite(zero).all()
+        _codes_inplace(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits, symmetric)
+        if padded != cols:
+            buf[:, cols:] = 0  # padding codes are 0; also restores the zero padding for the next chunk
+        qweight[r0:r1] = _pack(buf.to(torch.int16), bits)
+        scales[r0:r1] = scale
+        if zeros is not None:
+            zeros[r0:r1] = zero
+    parts = {"qweight": qweight, "scales": scales}
+    if zeros is not None:
+        parts["zeros"] = zeros
+    return parts, finite
+
+
+def dequantize_int(
+    parts: dict[str, torch.Tensor], bits: int, symmetric: bool, shape: tuple[int, int], group_size: int
+) -> torch.Tensor:
+    """Float32 ``[rows, cols]``: ``(c - z) * s`` (asymmetric) or ``(c - 2^(b-1)) * s`` (symmetric)."""
+    rows, cols = shape
+    scales = parts["scales"].float().unsqueeze(-1)
+    n_groups = scales.shape[1]
+    codes = unpack_codes(parts["qweight"], bits, n_groups * group_size)
+    c = codes.view(rows, n_groups, group_size).float()
+    if symmetric:
+        w = (c - float(2 ** (bits - 1))) * scales
+    else:
+        w = (c - parts["zeros"].float().unsqueeze(-1)) * scales
+    return w.view(rows, n_groups * group_size)[:, :cols].contiguous()
