@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 from .errors import FormatError
@@ -84,15 +85,46 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+#: A \uD800-\uDFFF escape: Python's parser turns an unpaired one into a lone surrogate, which is not Unicode.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether any string or key of a parsed JSON value holds a surrogate that no pair completed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def loads_json(raw: bytes | str, path: str, what: str):
-    """Parse JSON text strictly (UTF-8, no duplicate keys); any problem is a FormatError about ``what``."""
+    """Parse JSON text strictly (UTF-8, no duplicate keys, no unpaired surrogate escapes); any problem
+    is a FormatError about ``what``.
+
+    Unpaired surrogates are refused because other parsers (serde_json, which
+    safetensors and so the PyTorch loader use) refuse them: a file must not
+    pass this reader and then fail to load.
+    """
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
+        value = json.loads(text, object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
         raise FormatError(path, f"{what} is not UTF-8 text") from None
     except (ValueError, RecursionError) as exc:
         raise FormatError(path, f"{what} is not valid JSON ({exc})") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise FormatError(path, f"{what} holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): not valid Unicode")
+    return value
 
 
 def read_json_file(path: str | os.PathLike, what: str, limit: int = MAX_HEADER_BYTES) -> dict:
@@ -122,7 +154,7 @@ def _entry(path: str, name: str, info, data_size: int, data_start: int) -> Tenso
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise FormatError(path, "header entry must be an object with dtype, shape and data_offsets", name)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # an unhashable dtype must not raise TypeError
         raise FormatError(path, f"unsupported dtype {dtype!r} (allowed: {', '.join(DTYPE_SIZES)})", name)
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_int(d) and d >= 0 for d in shape):
         raise FormatError(
@@ -157,9 +189,12 @@ def _check_tiling(path: str, entries: list[TensorEntry], data_start: int, file_s
         raise FormatError(path, f"{file_size - position} bytes after the last tensor belong to no tensor")
 
 
-def read_header(path: str | os.PathLike) -> ShardHeader:
-    """Read and check the header of the safetensors file at ``path`` (reads only the header bytes)."""
-    path = os.fspath(path)
+def _read_header_text(path: str) -> tuple[int, int, str]:
+    """(file size, header length, header text), the length field checked before the header is read.
+
+    The header's bytes die when this returns, so a huge header is never held
+    twice (bytes and text) while it is parsed.
+    """
     try:
         with open(path, "rb") as f:
             file_size = os.fstat(f.fileno()).st_size
@@ -182,8 +217,18 @@ def read_header(path: str | os.PathLike) -> ShardHeader:
         raise FormatError(path, "file is missing") from None
     except OSError as exc:
         raise FormatError(path, f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        return file_size, header_bytes, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(path, "safetensors header is not UTF-8 text") from None
 
-    header = loads_json(raw, path, "safetensors header")
+
+def read_header(path: str | os.PathLike) -> ShardHeader:
+    """Read and check the header of the safetensors file at ``path`` (reads only the header bytes)."""
+    path = os.fspath(path)
+    file_size, header_bytes, text = _read_header_text(path)
+    header = loads_json(text, path, "safetensors header")
+    del text
     if not isinstance(header, dict):
         raise FormatError(path, f"safetensors header must be a JSON object, found {type(header).__name__}")
     metadata = header.pop("__metadata__", {})

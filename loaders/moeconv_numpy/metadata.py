@@ -40,7 +40,7 @@ PROJS = ("gate", "up", "down", None)
 #: Dtypes a router may be stored in: BF16 or wider floats, never anything quantized.
 ROUTER_DTYPES = ("BF16", "F16", "F32", "F64")
 
-_VERSION = re.compile(r"(\d+)\.(\d+)")
+_VERSION = re.compile(r"([0-9]+)\.([0-9]+)")  # ASCII decimal digits only (\d would accept any script's digits)
 _CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -49,7 +49,8 @@ def check_version(value, file: str, what: str) -> str:
     match = _VERSION.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise FormatError(file, f"{what} must be a \"MAJOR.MINOR\" string, got {value!r}")
-    if int(match.group(1)) != SUPPORTED_MAJOR:
+    # compared as text: int() of a 5000-digit major would raise ValueError (CPython's int-string limit)
+    if match.group(1).lstrip("0") != str(SUPPORTED_MAJOR):
         raise FormatError(
             file, f"{what} {value} is not supported: this reader reads format version {SUPPORTED_MAJOR}.x"
         )
@@ -221,8 +222,11 @@ def parse_shard_meta(header: ShardHeader, shard: str) -> ShardMeta:
     if stray is not None:
         raise FormatError(path, "has a checksum but is not stored in this shard", stray)
 
-    if len(set(routers)) != len(routers):
-        raise FormatError(path, "a router is listed twice", next(r for r in routers if routers.count(r) > 1))
+    seen: set[str] = set()  # a set, not list.count() per name: that is O(n^2) for a million-name list
+    for router in routers:
+        if router in seen:
+            raise FormatError(path, "a router is listed twice", router)
+        seen.add(router)
     for router in routers:
         tensor = header.tensors.get(router)
         if tensor is None:

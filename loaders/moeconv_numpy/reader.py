@@ -86,7 +86,9 @@ class _Shard:
 def _widen(array: np.ndarray, dtype: str) -> np.ndarray:
     """BF16 bits -> float32 (exact) and BOOL bytes -> bool; other dtypes are returned as stored."""
     if dtype == "BF16":
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        wide = array.astype(np.uint32)
+        wide <<= 16  # in place: the float32 result is the only allocation
+        return wide.view(np.float32)
     if dtype == "BOOL":
         return array != 0
     return array

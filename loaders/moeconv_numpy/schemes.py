@@ -185,6 +185,11 @@ def _check_group_size(info: SchemeInfo, group_size: int) -> None:
         raise ValueError(f"scheme 'mxfp4' has a fixed block size of {MX_BLOCK}, got {group_size}")
 
 
+def _ceil_div(a: int, b: int) -> int:
+    """Exact integer ceil(a / b): float division overflows or rounds for sizes a hostile header may claim."""
+    return -(-a // b)
+
+
 def tensor_layout(
     scheme: str, shape: tuple[int, int], group_size: int, double_quant: bool = False
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -202,21 +207,21 @@ def tensor_layout(
         raise ValueError(f"double quantization applies to nf4 and fp4 only, not {scheme!r}")
     rows, cols = shape
     if info.family == "int":
-        n_groups = math.ceil(cols / group_size)
-        row_bytes = math.ceil(n_groups * group_size * info.bits / 8)
+        n_groups = _ceil_div(cols, group_size)
+        row_bytes = _ceil_div(n_groups * group_size * info.bits, 8)
         layout = {"qweight": ("U8", (rows, row_bytes)), "scales": ("F16", (rows, n_groups))}
         if not info.symmetric:
             layout["zeros"] = ("F16", (rows, n_groups))
         return layout
     if info.family == "mxfp4":
-        n_blocks = math.ceil(cols / MX_BLOCK)
+        n_blocks = _ceil_div(cols, MX_BLOCK)
         return {"qweight": ("U8", (rows, n_blocks * MX_BLOCK // 2)), "scales": ("U8", (rows, n_blocks))}
     numel = rows * cols
-    n_blocks = math.ceil(numel / group_size)
-    layout = {"qweight": ("U8", (math.ceil(numel / 2),))}
+    n_blocks = _ceil_div(numel, group_size)
+    layout = {"qweight": ("U8", (_ceil_div(numel, 2),))}
     if double_quant:
         layout["absmax_q"] = ("U8", (n_blocks,))
-        layout["absmax_scale"] = ("F32", (math.ceil(n_blocks / DOUBLE_QUANT_BLOCK),))
+        layout["absmax_scale"] = ("F32", (_ceil_div(n_blocks, DOUBLE_QUANT_BLOCK),))
         layout["absmax_offset"] = ("F32", (1,))
     else:
         layout["absmax"] = ("F32", (n_blocks,))

@@ -19,7 +19,9 @@ write never looks like a valid model.
 
 Resuming.  ``ShardedWriter(out, resume=True)`` keeps the closed shards of an
 interrupted run that pass a full check (structure and every checksum), drops
-damaged ones and half-written ``.tmp`` files, and reports what is already on
+damaged ones (and every shard after them) and half-written ``.tmp`` files,
+takes back shards that an interrupted ``finalize()`` had already renamed (and
+removes its index and config.json), and reports what is already on
 disk in ``completed_tensors`` and ``completed_weights``; the converter skips
 those names and adds the rest.  Weights that were in the unwritten open shard
 are simply added again.  (Shard boundaries of a resumed run may differ from an
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -153,6 +156,10 @@ def _extra_files(extra_files: Mapping | Iterable) -> dict[str, bytes | Path]:
     return out
 
 
+#: Final shard names as ``shard_file_names`` makes them (``number`` is None for the single ``model.safetensors``).
+_FINAL_SHARD = re.compile(r"model(?:-(?P<number>\d{5})-of-\d{5})?\.safetensors")
+
+
 def shard_file_names(count: int) -> list[str]:
     """Final shard names: ``model.safetensors`` alone, else ``model-00001-of-0000N.safetensors``..."""
     if count == 1:
@@ -215,8 +222,9 @@ class ShardedWriter:
         entries = set(os.listdir(self.out_dir)) if self.out_dir.is_dir() else set()
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"output {self.out_dir} exists and is not a directory")
-        if resume and entries <= {PARTIAL_DIR}:
+        if resume and (entries <= {PARTIAL_DIR} or PARTIAL_DIR in entries):
             self._partial.mkdir(parents=True, exist_ok=True)
+            self._undo_interrupted_finalize(entries)
             self._adopt_completed_shards()
             return
         if entries == {PARTIAL_DIR}:
@@ -226,16 +234,41 @@ class ShardedWriter:
         self._partial.mkdir(parents=True)
         _fsync_dir(self.out_dir)
 
+    def _undo_interrupted_finalize(self, entries: set[str]) -> None:
+        """Put back what a ``finalize()`` killed midway had moved: config.json and the index go
+        (config.json first, so the directory never looks complete), and shards already under their
+        final names return to their numbered partial names, to be adopted and renamed again."""
+        for name in (CONFIG_FILE, INDEX_FILE):
+            if name in entries:
+                (self.out_dir / name).unlink()
+        for name in entries:
+            match = _FINAL_SHARD.fullmatch(name)
+            if match:
+                number = int(match["number"] or 1)
+                os.replace(self.out_dir / name, self._partial / f"shard-{number:05d}.safetensors")
+        _fsync_dir(self.out_dir)
+
     def _adopt_completed_shards(self) -> None:
+        """Keep the longest intact run shard-00001, shard-00002, ... and delete the rest.
+
+        Only a prefix is kept: the converter re-adds everything after it in the
+        original order, so the shards it writes get the same numbers and
+        contents as in an uninterrupted run (adopting past a gap would also
+        make a new shard overwrite an adopted one of the same number).
+        """
         for tmp in self._partial.glob("*.tmp"):
             tmp.unlink()
         tensors, weights = set(), {}
-        for path in sorted(self._partial.glob("shard-*.safetensors")):
+        shards = sorted(self._partial.glob("shard-*.safetensors"))
+        for i, path in enumerate(shards):
             try:
+                if path.name != f"shard-{i + 1:05d}.safetensors":
+                    raise FormatError(path, "a shard before it is missing")
                 meta = check_shard(path)
             except FormatError:
-                path.unlink()  # damaged by the interruption: its contents will be added again
-                continue
+                for later in shards[i:]:  # damaged by the interruption, or after a gap: added again
+                    later.unlink()
+                break
             self._shards.append(path)
             self._shard_tensors.append(list(meta.header.tensors))
             tensors.update(meta.header.tensors)

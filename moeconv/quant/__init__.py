@@ -82,9 +82,11 @@ def _non_finite_error(weight: torch.Tensor, spec: QuantSpec, name: str) -> Value
     )
 
 
+@torch.no_grad()
 def quantize(weight: torch.Tensor, spec: QuantSpec, name: str = "weight") -> dict[str, torch.Tensor]:
     """The stored tensors of a 2-D float ``weight`` ``[out, in]`` under ``spec``, on its device.
 
+    ``weight`` may be an ``nn.Parameter``; nothing is recorded for autograd.
     Raises ``ValueError`` naming ``name`` for a non-2-D or non-float weight, a
     group size the scheme does not allow, or NaN/Inf values.
     """
@@ -116,6 +118,7 @@ def _check_parts(parts, spec: QuantSpec, shape, name: str) -> tuple[int, int]:
     return tuple(int(d) for d in shape)
 
 
+@torch.no_grad()
 def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, shape, name: str = "weight") -> torch.Tensor:
     """The float32 ``[out, in]`` weight that ``parts`` encode (bit-exact with ``moeconv_numpy.dequantize``)."""
     shape = _check_parts(parts, spec, shape, name)

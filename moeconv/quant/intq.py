@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .chunks import chunk_elements, for_each_chunk
+
 __all__ = [
     "group_params",
     "quantize_codes",
@@ -30,13 +32,7 @@ __all__ = [
     "unpack_codes",
     "quantize_int",
     "dequantize_int",
-    "CHUNK_ELEMENTS",
 ]
-
-#: Elements of float32 scratch per row chunk (1 MiB): large enough to amortize
-#: op dispatch, small enough that a chunk's temporaries stay in L2/L3 cache
-#: instead of streaming a full-size float32 copy of the weight through memory.
-CHUNK_ELEMENTS = 1 << 18
 
 
 def _div(x: torch.Tensor, constant: float) -> torch.Tensor:
@@ -83,7 +79,9 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
         scale = _fp16_round(_div(_signed_absmax(w), -float(2 ** (bits - 1))))
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         return scale, torch.full_like(scale, float(2 ** (bits - 1)))
-    mn = w.amin(dim=-1).clamp_(max=0)
+    # "+ 0.0" turns a -0.0 minimum into +0.0, so z is always -0.0 when mn is zero
+    # (whichever signed zero a device's min picks)
+    mn = w.amin(dim=-1).clamp_(max=0).add_(0.0)
     mx = w.amax(dim=-1).clamp_(min=0)
     scale = _fp16_round(_div(mx - mn, float(2**bits - 1)))
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
@@ -91,7 +89,9 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Ten
     return scale, zero
 
 
-def _codes_inplace(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def _codes_inplace(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
     """Overwrite float32 ``w`` with its codes (still float32, integer-valued)."""
     if symmetric:
         half = 2 ** (bits - 1)
@@ -196,12 +196,10 @@ def quantize_int(
     group range beyond float16); the caller turns that into an error that
     names the weight.  Keeping it a tensor avoids a device sync per chunk.
 
-    Rows are processed in chunks of about :data:`CHUNK_ELEMENTS` elements:
-    each chunk is copied once into a reused float32 scratch buffer (padded to
-    whole groups with zeros, which cannot change ``min(w, 0)``, ``max(w, 0)``
-    or the largest magnitude), turned into codes in place, and packed.  The
-    loop is over chunks for cache locality; inside a chunk everything is
-    whole-tensor ops.
+    Rows are processed in chunks (:mod:`.chunks`): each chunk is copied once
+    into a float32 buffer padded to whole groups with zeros (which cannot
+    change ``min(w, 0)``, ``max(w, 0)`` or the largest magnitude), turned
+    into codes in place and packed into its rows of the outputs.
     """
     rows, cols = weight.shape
     n_groups = math.ceil(cols / group_size)
@@ -210,27 +208,28 @@ def quantize_int(
     qweight = torch.empty(rows, _row_bytes(padded, bits), dtype=torch.uint8, device=device)
     scales = torch.empty(rows, n_groups, dtype=torch.float16, device=device)
     zeros = None if symmetric else torch.empty(rows, n_groups, dtype=torch.float16, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    chunk = max(1, CHUNK_ELEMENTS // padded)
-    scratch = torch.zeros(min(chunk, rows), padded, dtype=torch.float32, device=device)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        buf = scratch[: r1 - r0]
+
+    def rows_chunk(r0: int, r1: int) -> torch.Tensor:
+        buf = torch.empty(r1 - r0, padded, dtype=torch.float32, device=device)
         buf[:, :cols].copy_(weight[r0:r1])
+        if padded != cols:
+            buf[:, cols:] = 0
         groups = buf.view(r1 - r0, n_groups, group_size)
         scale, zero = group_params(groups, bits, symmetric)
-        finite &= torch.isfinite(scale).all() & torch.isfinite(zero).all()
         _codes_inplace(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits, symmetric)
         if padded != cols:
-            buf[:, cols:] = 0  # padding codes are 0; also restores the zero padding for the next chunk
+            buf[:, cols:] = 0  # padding codes are 0
         qweight[r0:r1] = _pack(buf.to(torch.int16), bits)
         scales[r0:r1] = scale
         if zeros is not None:
             zeros[r0:r1] = zero
+        return torch.isfinite(scale).all() & torch.isfinite(zero).all()
+
+    finite = for_each_chunk(rows, max(1, chunk_elements(device) // padded), device, rows_chunk)
     parts = {"qweight": qweight, "scales": scales}
     if zeros is not None:
         parts["zeros"] = zeros
-    return parts, finite
+    return parts, torch.stack(finite).all()
 
 
 def dequantize_int(

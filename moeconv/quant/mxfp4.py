@@ -14,23 +14,42 @@ compare our dequantization with transformers' function on such blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
 from moeconv_numpy.schemes import E2M1_VALUES, MX_BLOCK
 
-from .intq import CHUNK_ELEMENTS, _pack, unpack_codes
+from .chunks import chunk_elements, for_each_chunk
+from .intq import pack_codes, unpack_codes
+from .lookup import Codebook
 
-__all__ = ["quantize_mxfp4", "dequantize_mxfp4", "from_gpt_oss_blocks", "E8M0_NAN"]
+__all__ = ["quantize_mxfp4", "dequantize_mxfp4", "from_gpt_oss_blocks", "e2m1_codebook", "E8M0_NAN"]
 
 #: E8M0 code reserved for NaN; format v1 never stores it.
 E8M0_NAN = 255
 
-#: Magnitude thresholds between consecutive E2M1 values 0, .5, 1, 1.5, 2, 3, 4, 6, with the
-#: direction a tie goes: to the even code (mantissa bit 0), i.e. down at 0.25, 1.25, 2.5, 5
-#: and up at 0.75, 1.75, 3.5.
-_THRESHOLDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+@functools.cache
+def e2m1_codebook() -> Codebook:
+    """Nearest E2M1 code of a float32 value (already divided by the block scale), as a :class:`Codebook`.
+
+    Magnitude thresholds lie halfway between 0, .5, 1, 1.5, 2, 3, 4, 6; a tie
+    goes to the even code (mantissa bit 0): down at 0.25, 1.25, 2.5 and 5, up
+    at 0.75, 1.75 and 3.5; beyond 6 saturates.  "Up at t" is ``x > prev(t)``
+    for floats.  Negative values -- also those that round to zero -- carry
+    the sign bit (code 8 | magnitude); -0.0 itself gets code 0.
+    """
+    f32 = np.float32
+    below = lambda t: np.nextafter(f32(t), f32(-np.inf))  # noqa: E731
+    ties_down, ties_up = (0.25, 1.25, 2.5, 5.0), (0.75, 1.75, 3.5)
+    positive = [f32(t) for t in ties_down] + [below(t) for t in ties_up]
+    negative = [below(-t) for t in ties_down] + [f32(-t) for t in ties_up]
+    bounds = np.sort(np.array(negative + [below(0.0)] + positive, dtype=np.float32))
+    codes = np.array([15, 14, 13, 12, 11, 10, 9, 8, 0, 1, 2, 3, 4, 5, 6, 7], dtype=np.uint8)
+    return Codebook(bounds, codes)
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
@@ -44,24 +63,13 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def _e2m1_codes(v: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 code (int16) of float32 ``v`` (already divided by the block scale), ties to even,
-    saturating at 6.  Negative values, including those that round to zero, get the sign bit."""
-    a = v.abs()
-    mag = torch.zeros(v.shape, dtype=torch.int16, device=v.device)
-    for threshold, tie_up in _THRESHOLDS:
-        mag += (a >= threshold) if tie_up else (a > threshold)
-    return mag | ((v < 0).to(torch.int16) << 3)
-
-
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``qweight``/``scales`` of a 2-D weight; ``finite`` is False for NaN/Inf input.
 
     Shared exponent ``e = clamp(floor(log2(amax)) - 2 + 127, 0, 254)`` read
     straight from the float32 exponent field of ``amax`` (zero and subnormal
     ``amax`` give ``e = 0``, as the clamp would).  Rows are processed in
-    chunks of about :data:`CHUNK_ELEMENTS` elements, padded with zero columns
-    to whole blocks.
+    chunks (:mod:`.chunks`), padded with zero columns to whole blocks.
     """
     rows, cols = weight.shape
     n_blocks = math.ceil(cols / MX_BLOCK)
@@ -69,22 +77,23 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch
     device = weight.device
     qweight = torch.empty(rows, padded // 2, dtype=torch.uint8, device=device)
     scales = torch.empty(rows, n_blocks, dtype=torch.uint8, device=device)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    chunk = max(1, CHUNK_ELEMENTS // padded)
-    scratch = torch.zeros(min(chunk, rows), padded, dtype=torch.float32, device=device)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        buf = scratch[: r1 - r0]
+    codes_of = e2m1_codebook()
+
+    def rows_chunk(r0: int, r1: int) -> torch.Tensor:
+        buf = torch.empty(r1 - r0, padded, dtype=torch.float32, device=device)
         buf[:, :cols].copy_(weight[r0:r1])
+        if padded != cols:
+            buf[:, cols:] = 0
         blocks = buf.view(r1 - r0, n_blocks, MX_BLOCK)
-        mn, mx = torch.aminmax(blocks, dim=-1)
-        amax = torch.maximum(mx, -mn).abs_()
-        finite &= torch.isfinite(amax).all()
+        amax = torch.maximum(blocks.amax(dim=-1), blocks.amin(dim=-1).neg_()).abs_()
         e = ((amax.view(torch.int32) >> 23) - 2).clamp_(0, 254)
         blocks.mul_(_pow2(127 - e).unsqueeze(-1))
-        qweight[r0:r1] = _pack(_e2m1_codes(buf), 4)
+        qweight[r0:r1] = pack_codes(codes_of(buf), 4)
         scales[r0:r1] = e.to(torch.uint8)
-    return {"qweight": qweight, "scales": scales}, finite
+        return torch.isfinite(amax).all()
+
+    finite = for_each_chunk(rows, max(1, chunk_elements(device) // padded), device, rows_chunk)
+    return {"qweight": qweight, "scales": scales}, torch.stack(finite).all()
 
 
 def _check_e8m0(scales: torch.Tensor, name: str) -> None:

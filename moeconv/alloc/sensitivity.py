@@ -1,0 +1,118 @@
+"""Our allocator: measure what every candidate does to every expert, then solve the knapsack exactly.
+
+The damage of candidate c for expert e is
+
+    D_e(c) = (N_e / n_e) * sum_t q_t * || E_c(x_t) - E(x_t) ||^2
+
+over a uniform sample of ``n_e`` of the ``N_e`` calibration tokens routed to
+``e`` (``moeconv.alloc.calibration``): ``E`` is the expert (gate, up, down with
+the model's activation), ``E_c`` the same expert with all three projections
+quantized by c (round-to-nearest, or GPTQ on the sample's Hessians), and
+``q_t`` the token's routing weight squared times the squared norm of the
+loss gradient at the block output.  Damages add up over experts, so the
+allocation minimizing the total under the bit budget is a multiple-choice
+knapsack, solved exactly across all layers at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moeconv.quant import QuantSpec, dequantize, quantize
+
+from .budget import cost_matrix
+from .calibration import CalibrationStats, RoutedSample
+from .knapsack import solve_mckp
+from .source import ExpertSource
+
+__all__ = ["activation", "expert_forward", "quantized_weights", "layer_damages", "allocate"]
+
+
+def activation(config: dict):
+    """The expert activation named in a transformers config (``hidden_act``; ``dense_act_fn`` for Switch)."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[config.get("hidden_act") or config.get("dense_act_fn") or "silu"]
+
+
+def _mid(weights, x, act) -> torch.Tensor:
+    """The down projection's input: ``act(gate x) * up x``, or ``act(up x)`` for experts without a gate (Switch)."""
+    return act(x @ weights["gate"].T) * (x @ weights["up"].T) if "gate" in weights else act(x @ weights["up"].T)
+
+
+def expert_forward(weights: dict[str, torch.Tensor], x: torch.Tensor, act) -> torch.Tensor:
+    """The expert's output on ``x`` ``[n, hidden]``."""
+    return _mid(weights, x, act) @ weights["down"].T
+
+
+def quantized_weights(weights: dict[str, torch.Tensor], spec: QuantSpec, method: str, hessians=None) -> dict[str, torch.Tensor]:
+    """Projections ``[n, out, in]`` of a stack of experts after quantization with ``spec`` (float32).
+
+    ``method`` ``gptq`` needs ``hessians[proj]`` ``[n, in, in]`` and runs GPTQ
+    on the whole stack at once; ``rtn`` is the format's round-to-nearest.
+    """
+    if method == "gptq":
+        from moeconv.calib import gptq_quantize
+
+        return {proj: gptq_quantize(w, hessians[proj], spec).dequantize() for proj, w in weights.items()}
+    return {proj: torch.stack([dequantize(quantize(m, spec), spec, tuple(m.shape)) for m in w]) for proj, w in weights.items()}
+
+
+def _expert(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {proj: w[i] for proj, w in weights.items()}
+
+
+def layer_damages(weights: dict[str, torch.Tensor], samples: list[RoutedSample], candidates: list[QuantSpec], act,
+                  method: str = "rtn") -> np.ndarray:
+    """``D_e(c)`` ``[n_experts, n_candidates]`` for the stacked experts of one layer (0 where no token was routed).
+
+    GPTQ candidates are computed on Hessians of the same samples (``X^T X`` for
+    gate/up, ``Z^T Z`` of the down projection's input for down).
+    """
+    hessians = None
+    if method == "gptq":
+        h_in = torch.stack([s.x.T @ s.x for s in samples])
+        mids = [_mid(_expert(weights, i), s.x, act) for i, s in enumerate(samples)]
+        h_mid = torch.stack([z.T @ z for z in mids])
+        hessians = {proj: h_mid if proj == "down" else h_in for proj in weights}
+    references = [expert_forward(_expert(weights, i), s.x, act) for i, s in enumerate(samples)]
+    out = np.zeros((len(samples), len(candidates)))
+    for j, spec in enumerate(candidates):
+        quantized = quantized_weights(weights, spec, method, hessians)
+        for i, sample in enumerate(samples):
+            if sample.x.shape[0]:
+                error = expert_forward(_expert(quantized, i), sample.x, act) - references[i]
+                out[i, j] = sample.scale * float((error.square().sum(-1) * sample.weight).sum())
+    return out
+
+
+def _measure(source: ExpertSource, stats: CalibrationStats, candidates, method: str, device) -> dict[tuple[int, int], np.ndarray]:
+    """Damages of every expert, with one layer's expert weights and samples in memory at a time."""
+    act = activation(source.source.config)
+    damages = {}
+    for layer in source.layers:
+        experts = [e for e in source.experts if e.layer == layer]
+        weights = {proj: torch.stack([source.read(e.weights[proj]) for e in experts]).to(device) for proj in experts[0].weights}
+        samples = []
+        for e in experts:
+            s = stats.samples[(e.layer, e.expert)]
+            samples.append(RoutedSample(s.x.to(device), s.weight.to(device), s.key, s.total))
+        for e, row in zip(experts, layer_damages(weights, samples, candidates, act, method)):
+            damages[(e.layer, e.expert)] = row
+    return damages
+
+
+def allocate(source: ExpertSource, stats: CalibrationStats, candidates: list[QuantSpec], budget: str, limit: int,
+             method: str = "rtn", device: str = "cpu"):
+    """Per-expert specs minimizing the summed damage within ``limit`` bits, and the damages behind them."""
+    if not candidates:
+        raise ValueError("--alloc sensitivity: no candidate scheme left to choose from")
+    cache_key = (tuple(candidates), method)
+    if cache_key not in stats.damages:
+        stats.damages[cache_key] = _measure(source, stats, candidates, method, device)
+    damages = stats.damages[cache_key]
+    keys = [(e.layer, e.expert) for e in source.experts]
+    result = solve_mckp(cost_matrix(source.experts, candidates, budget), np.stack([damages[k] for k in keys]), limit)
+    chosen = {key: candidates[j] for key, j in zip(keys, result.choice)}
+    return chosen, damages
