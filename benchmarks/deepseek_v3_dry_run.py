@@ -76,13 +76,15 @@ def config(layers: int, experts: int) -> dict:
 
 
 def _linear(name: str, out: int, inp: int) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(name, "F8_E4M3", (out, inp)), (name + "_scale_inv", "F32", (math.ceil(out / BLOCK), math.ceil(inp / BLOCK)))]
+    scales = (math.ceil(out / BLOCK), math.ceil(inp / BLOCK))
+    return [(name, "F8_E4M3", (out, inp)), (name + "_scale_inv", "F32", scales)]
 
 
 def layer_tensors(layer: int, experts: int) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, dtype, shape) of one MoE layer in V3's layout: attention, norms, router, experts, shared expert."""
     p = f"model.layers.{layer}."
-    out = [(p + "input_layernorm.weight", "BF16", (HIDDEN,)), (p + "post_attention_layernorm.weight", "BF16", (HIDDEN,)),
+    out = [(p + "input_layernorm.weight", "BF16", (HIDDEN,)),
+           (p + "post_attention_layernorm.weight", "BF16", (HIDDEN,)),
            (p + "self_attn.q_a_layernorm.weight", "BF16", (Q_LORA,)),
            (p + "self_attn.kv_a_layernorm.weight", "BF16", (KV_LORA,))]
     out += _linear(p + "self_attn.q_a_proj.weight", Q_LORA, HIDDEN)
@@ -90,7 +92,8 @@ def layer_tensors(layer: int, experts: int) -> list[tuple[str, str, tuple[int, .
     out += _linear(p + "self_attn.kv_a_proj_with_mqa.weight", KV_LORA + QK_ROPE, HIDDEN)
     out += _linear(p + "self_attn.kv_b_proj.weight", HEADS * (QK_NOPE + V_HEAD), KV_LORA)
     out += _linear(p + "self_attn.o_proj.weight", HIDDEN, HEADS * V_HEAD)
-    out += [(p + "mlp.gate.weight", "BF16", (experts, HIDDEN)), (p + "mlp.gate.e_score_correction_bias", "F32", (experts,))]
+    out += [(p + "mlp.gate.weight", "BF16", (experts, HIDDEN)),
+            (p + "mlp.gate.e_score_correction_bias", "F32", (experts,))]
     for e in range(experts):
         for proj in ("gate_proj", "up_proj"):
             out += _linear(f"{p}mlp.experts.{e}.{proj}.weight", MOE_INTER, HIDDEN)
@@ -339,7 +342,7 @@ def project(measured: dict, note: str | None) -> dict:
     return {
         "counts": counts, "seconds_by_category": seconds, "total_seconds": total,
         "total_hours": round(total / 3600, 2),
-        "seconds_per_moe_layer_experts_only": round(3 * FULL_EXPERTS * expert["seconds"] / expert["tensors"], 1),
+        "seconds_per_moe_layer_experts_only": round(3 * FULL_EXPERTS * MOE_INTER * HIDDEN / expert["numel_per_second"]),
         "peak_rss_bytes": measured["peak_rss_bytes"],
         "peak_rss_note": "the per-layer peak does not grow with the layer count (see measured.layers), so the full "
                          "model needs the largest peak measured here (embeddings included)",
@@ -475,7 +478,7 @@ def main(argv=None) -> int:
                           "matrix has V3's shape, so per-matrix rates carry over, and the projection uses 256")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("layers_converted", "conversion_wall_s", "child_max_rss_bytes")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("layers_converted", "conversion_wall_s", "child_max_rss_bytes")}))
     print(json.dumps(measured["layers"], indent=2))
     return 0
 

@@ -444,9 +444,9 @@ def m_moeconv_meta(rng, files):
             routers.append(rng.choice(routers + candidates if routers else candidates + [1, None, "missing"]))
         elif op == 2 and isinstance(checksums, dict) and checksums:
             name = rng.choice(sorted(checksums))
-            value = checksums[name]
-            checksums[name] = rng.choice([None, value.upper() if isinstance(value, str) else 1, "sha256:" + "0" * 64,
-                                          (value[:-1] + ("0" if value[-1:] != "0" else "1")) if isinstance(value, str) else 1])
+            value = str(checksums[name])
+            wrong_digit = value[:-1] + ("1" if value.endswith("0") else "0")
+            checksums[name] = rng.choice([None, 1, value.upper(), "sha256:" + "0" * 64, wrong_digit])
             if rng.random() < 0.3:
                 del checksums[name]
         elif op == 3 and isinstance(checksums, dict):
@@ -482,6 +482,8 @@ def _edit_json_file(rng, files, name, edit, what):
         doc = json.loads(files[name])
     except (ValueError, RecursionError):
         return f"{what}: unparsable, skipped"
+    if not isinstance(doc, dict):
+        return f"{what}: not an object, skipped"
     result = edit(doc)
     files[name] = (result if isinstance(result, str) else json.dumps(doc, indent=2)).encode()
     return what
@@ -491,10 +493,11 @@ def m_index(rng, files):
     shards = _shards(files) or ["model.safetensors"]
 
     def edit(doc):
-        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        weight_map = doc.get("weight_map")
         op = rng.randrange(6)
         if op == 0 and isinstance(doc.get("metadata"), dict):
-            total = doc["metadata"].get("total_size", 0)
+            total = doc["metadata"].get("total_size")
+            total = total if isinstance(total, int) else 0
             doc["metadata"]["total_size"] = rng.choice([total + 1, total - 1, -1, 2**64, str(total), 1.5, None])
         elif op == 1 and isinstance(doc.get("metadata"), dict):
             doc["metadata"]["moeconv_version"] = rng.choice(VERSIONS)
@@ -519,7 +522,7 @@ def m_index(rng, files):
 
 def m_config(rng, files):
     def edit(doc):
-        qc = doc.get("quantization_config") if isinstance(doc, dict) else None
+        qc = doc.get("quantization_config")
         op = rng.randrange(5)
         if op == 0 and isinstance(qc, dict):
             qc["quant_method"] = rng.choice(["fp8", "", None, "MOECONV", 1])
@@ -602,7 +605,7 @@ def _problem_class(exc: FormatError) -> str:
     """The error's problem text with names and numbers blanked, for counting errors by kind."""
     text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", exc.problem)
     text = re.sub(r"\[[^\]]*\]", "[…]", text)
-    text = re.sub(r"-?\d+(\.\d+)?", "N", text)
+    text = re.sub(r"(?<![\w.-])-?\d+(\.\d+)?(?!\w)", "N", text)  # numbers, not the digits of U8 or UTF-8
     return text[:90]
 
 
@@ -808,7 +811,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loader's paths")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="moeconv-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+    scratch = "/dev/shm" if os.path.isdir("/dev/shm") else None  # many small files: a RAM disk where there is one
+    with tempfile.TemporaryDirectory(prefix="moeconv-fuzz-", dir=scratch) as tmp:
         result = campaign(args.cases, args.seed, Path(tmp), torch_paths=not args.no_torch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -177,8 +177,9 @@ def plot(results, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    quantizers = sorted({r["quantizer"] for r in results})
+    quantizers = [q for q in ("rtn", "gptq") if any(r["quantizer"] == q for r in results)]
     fig, axes = plt.subplots(1, len(quantizers), figsize=(6.5 * len(quantizers), 4.8), squeeze=False)
     for ax, q in zip(axes[0], quantizers):
         rows = [r for r in results if r["quantizer"] == q]
@@ -190,6 +191,8 @@ def plot(results, path: Path) -> None:
         for r in code:
             ax.scatter(r["stored_bits_per_weight"], r["ppl"], marker="x", color="black", s=20)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("stored bits per routed-expert weight")
         ax.set_ylabel("perplexity (32,768 eval tokens)")
         ax.set_title(f"moe-tiny-mixtral, {q.upper()} (x: 4/3/2 @ 3.0 code bits)")
@@ -211,7 +214,12 @@ def main() -> None:
     ap.add_argument("--gptq-budgets", default=None, help="stored-bit budgets for GPTQ (default: --budgets)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is much faster on a shared, oversubscribed CPU)")
     ap.add_argument("--sequential-check", action="store_true", help="also run sequential GPTQ (as convert does) on a few settings")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of other quantizers already in --out")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out and exit")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["results"], args.out.with_suffix(".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -236,13 +244,19 @@ def main() -> None:
     t = time.time()
     stats = measure(model, calib_ids, loss_weighted=True, description=f"{calib_ids.numel()} tokens of eval.txt after the first {EVAL_TOKENS}")
     timing["calibration_pass_s"] = time.time() - t
-    results, seen = [], {}
+    quantizers = args.quantizers.split(",")
+    kept, commands = [], []
+    if args.merge and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        kept = [r for r in previous["results"] if r["quantizer"] not in quantizers]
+        commands = previous.get("commands", [previous["command"]] if "command" in previous else [])
+    results, seen = kept, {}
     out = {"model": str(args.model), "machine": {"platform": platform.platform(), "processor": platform.processor(),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device},
-           "dtype": args.dtype, "command": " ".join(sys.argv), "eval_tokens": EVAL_TOKENS, "seq_len": SEQ_LEN,
+           "dtype": args.dtype, "commands": [*commands, " ".join(sys.argv)], "eval_tokens": EVAL_TOKENS, "seq_len": SEQ_LEN,
            "calibration_tokens": calib_ids.numel(), "calibration": "eval.txt tokens after the first 32,768",
            "float_ppl": base, "timing": timing, "results": results}
-    for quantizer in args.quantizers.split(","):
+    for quantizer in quantizers:
         hessians = None
         if quantizer == "gptq":
             t = time.time()

@@ -16,7 +16,8 @@ norm, routers compensated — what format v1 can store — and clipping search):
 ranges); ``awq-free``
 (layer scale not rounded to powers of two: router logits change by rounding);
 ``awq-expert`` (one gate/up input scale per expert: needs a spec addition,
-fake-quant only).  GPTQ exists for the int family only.
+fake-quant only); ``awq-none`` (no gate/up input scale, only the down scale
+folded into up, plus clipping: routers untouched).  GPTQ exists for the int family only.
 
     python benchmarks/perplexity_schemes.py                     # CPU or CUDA, whichever is there
     python benchmarks/perplexity_schemes.py --schemes int4,int3 --methods gptq --calib-samples 32
@@ -25,6 +26,7 @@ fake-quant only).  GPTQ exists for the int family only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -54,6 +56,7 @@ METHODS = {
     "awq": {"method": "awq", "awq_input": "norm", "awq_pow2": True},
     "awq-free": {"method": "awq", "awq_input": "norm", "awq_pow2": False},
     "awq-expert": {"method": "awq", "awq_input": "expert"},
+    "awq-none": {"method": "awq", "awq_input": "none"},
     "awq-no-clip": {"method": "awq", "awq_input": "norm", "awq_pow2": True, "clip": False},
 }
 
@@ -132,7 +135,7 @@ def main() -> None:
                    "calibration": f"eval.txt tokens [{EVAL_TOKENS}, {EVAL_TOKENS + calib_ids.numel()}), "
                                   f"{n_calib} windows of {args.seq_len}",
                    "eval_file_tokens": ids.numel()},
-        "gptq_percdamp": args.percdamp,
+        "calib_defaults": {**dataclasses.asdict(CalibConfig()), "percdamp": args.percdamp},
         "baseline_float32": {"ppl": baseline, "seconds": time.perf_counter() - start},
         "results": [],
     }
@@ -156,12 +159,14 @@ def main() -> None:
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    result = quantize_moe(model, calib_ids, spec, CalibConfig(**{"percdamp": args.percdamp, **overrides}))
+                    config = CalibConfig(**{"percdamp": args.percdamp, **overrides})
+                    result = quantize_moe(model, calib_ids, spec, config)
                 fallbacks = result.fallbacks
             quant_s = time.perf_counter() - start
             ppl = perplexity(model, eval_ids, SEQ_LEN, EVAL_TOKENS)
             row = {"scheme": scheme, "group_size": spec.group_size, "double_quant": spec.double_quant,
-                   "method": method, "config": overrides, "ppl": ppl, "quantize_seconds": quant_s, "rtn_fallbacks": fallbacks}
+                   "method": method, "config": overrides, "ppl": ppl, "quantize_seconds": quant_s,
+                   "rtn_fallbacks": fallbacks}
             report["results"].append(row)
             print(f"{scheme:9s} g{spec.group_size:<3d} {method:15s} ppl {ppl:8.4f}  ({quant_s:6.1f} s, "
                   f"{len(fallbacks)} RTN fallbacks)", flush=True)

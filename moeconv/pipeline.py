@@ -266,12 +266,21 @@ def output_config(conv: Conversion, extra: Mapping[str, Any] | None = None) -> d
     return config
 
 
-def _entry_meta(task: Task) -> dict[str, Any]:
+def _compute_dtype(conv: Conversion, item: Item) -> str:
+    """The dtype a weight computes in: as stored, or the model's own dtype when the source stores it
+    quantized (FP8 with block scales, MXFP4 blocks) and it was widened to float32 only to be requantized."""
+    if len(item.sources) > 1 or conv.source.tensors[item.sources[0]].dtype != item.dtype:
+        config = conv.source.config
+        return config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return _DTYPE_NAMES.get(item.dtype, item.dtype.lower())
+
+
+def _entry_meta(conv: Conversion, task: Task) -> dict[str, Any]:
     item = task.item
     return {
         **spec_dict(task.spec),
         "shape": list(item.shape),
-        "dtype": _DTYPE_NAMES.get(item.dtype, item.dtype.lower()),
+        "dtype": _compute_dtype(conv, item),
         "role": item.role,
         "layer": item.layer,
         "expert": item.expert,
@@ -449,7 +458,7 @@ def convert(
             if task.spec is None:
                 writer.add_tensor(task.item.name, value, router=task.item.router)
             else:
-                writer.add_quantized(task.item.name, value, _entry_meta(task))
+                writer.add_quantized(task.item.name, value, _entry_meta(conv, task))
             if progress is not None:
                 progress(task)
         writer.finalize(output_config(conv, config_extra), files)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import struct
 from dataclasses import dataclass, field
@@ -100,9 +101,7 @@ class Source:
     def _pickled(self, file: str) -> dict[str, torch.Tensor]:
         if file not in self._pickle_cache:
             self._pickle_cache.clear()  # one file mapped at a time
-            self._pickle_cache[file] = torch.load(
-                self.path / file, map_location="cpu", mmap=True, weights_only=True
-            )
+            self._pickle_cache[file] = _load_pickle(self.path / file)
         return self._pickle_cache[file]
 
     def fingerprint(self) -> str:
@@ -199,6 +198,18 @@ def _read_index(path: Path) -> dict[str, list[str]]:
     return dict(sorted(files.items()))
 
 
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict with ``weights_only`` (no arbitrary objects), memory-mapped when its format allows."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # legacy (pre-zip) torch.save files cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{path}: not loadable as a plain weights-only state dict ({first})") from None
+
+
 def _tensors_from_pickle(root: Path) -> dict[str, TensorInfo]:
     """Tensor metadata of ``.bin`` checkpoints (only with allow_pickle; weights_only loads, memory-mapped)."""
     index = root / PICKLE_INDEX
@@ -207,14 +218,7 @@ def _tensors_from_pickle(root: Path) -> dict[str, TensorInfo]:
     for file in files:
         if not (root / file).is_file():
             raise SourceError(f"{index} lists {file}, but {root / file} does not exist")
-        try:
-            state = torch.load(root / file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - whatever the unpickler refuses is one line naming the file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SourceError(
-                f"{root / file}: torch.load(weights_only=True) refused it, so it is not read (a pickle that is "
-                f"not plain tensors could run code): {reason}"
-            ) from None
+        state = _load_pickle(root / file)
         for i, (name, t) in enumerate(state.items()):
             tensors[name] = TensorInfo(file, _TORCH_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape), i)
     return tensors

@@ -107,3 +107,38 @@ def test_convert_writes_the_planned_choices(tiny, tmp_path, alloc):
         assert choice == planned[(layer, expert)]
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["allocation"]["predicted"] == plan["predicted"]
+
+
+def test_router_reference_from_the_hub_downloads_only_the_router_shard(ckpt, tmp_path):
+    """A Hub id as --router-reference: the real huggingface_hub client against the loopback Hub look-alike."""
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import FakeHub
+    from safetensors.torch import save
+
+    routers = {f"model.layers.{i}.block_sparse_moe.gate.weight": torch.full((4, 128), 0.5) for i in range(2)}
+    files = {
+        "model-00001-of-00002.safetensors": save(routers),
+        "model-00002-of-00002.safetensors": save({"model.embed_tokens.weight": torch.zeros(64, 128)}),
+        "model.safetensors.index.json": json.dumps({"metadata": {}, "weight_map": {
+            **{name: "model-00001-of-00002.safetensors" for name in routers},
+            "model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}).encode(),
+        "config.json": b"{}",
+    }
+    with FakeHub({}) as hub:
+        hub.add_repo("acme/base", files)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and "proxy" not in k.lower()}
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1", NO_PROXY="*",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+        code = "from moeconv.cli import main; main(prog_name='moeconv')"
+        done = subprocess.run([sys.executable, "-c", code, "plan", str(ckpt), "--avg-bits", "3.5", "--json",
+                               "--router-reference", "acme/base"], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        fetched = [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+    plan = json.loads(done.stdout)
+    for expert in plan["experts"]:
+        assert expert["signals"]["reference_router_norm"] == pytest.approx(0.5 * 128**0.5, rel=1e-6)
+    assert any("model-00001-of-00002" in path for path in fetched)
+    assert not any("model-00002-of-00002" in path for path in fetched)

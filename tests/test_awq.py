@@ -9,7 +9,9 @@ import torch
 import transformers as T
 
 from moeconv.calib import CalibConfig, quantize_moe
-from moeconv.calib.awq import candidate_scales, fake_quantize, fold_input_scale, search_expert_scales, search_layer_scale
+from moeconv.calib.awq import (
+    candidate_scales, fake_quantize, fold_input_scale, search_expert_scales, search_layer_scale,
+)
 from moeconv.calib.gptq import hessian_error
 from moeconv.quant import QuantSpec, dequantize, quantize
 
@@ -92,12 +94,13 @@ def test_awq_end_to_end_is_finite_and_parts_match_the_model(awq_input):
     spec = QuantSpec("int4", 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = quantize_moe(model, ids, spec, CalibConfig(method="awq", awq_input=awq_input, min_tokens=2))
+        config = CalibConfig(method="awq", awq_input=awq_input, min_effective_tokens=2)
+        result = quantize_moe(model, ids, spec, config)
     zero = [(i, e) for i, r in result.routing.items() for e in range(8) if r.tokens[e] + r.soft_tokens[e] < 2]
     assert zero and len(result.fallbacks) == len(zero)
     assert all(any(f"layer {i} expert {e}:" in str(w.message) for w in caught) for i, e in zero)
     for layer in model.model.layers:
-        assert torch.isfinite(layer.mlp.experts.gate_up_proj).all() and torch.isfinite(layer.mlp.experts.down_proj).all()
+        assert all(torch.isfinite(p).all() for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj))
     down = model.model.layers[1].mlp.experts.down_proj
     assert torch.equal(dequantize(result.parts[(1, 5, "down")][1], spec, (32, 48)), down[5])
     if awq_input == "norm":

@@ -263,7 +263,7 @@ def test_malicious_pickle_is_not_executed_even_with_allow_pickle(pristine, tmp_p
             pickle.dump(state, f)
     line = fails(src, tmp_path / "out", "--allow-pickle")
     assert not marker.exists()
-    assert "pytorch_model.bin" in line and "weights_only" in line
+    assert "pytorch_model.bin" in line and "weights-only" in line
 
 
 def test_sharded_pickle_checkpoint_is_refused_without_the_flag(pristine, tmp_path):

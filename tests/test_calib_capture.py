@@ -123,10 +123,10 @@ def test_other_architectures_through_their_description(arch):
                                   num_experts_per_tok=2, head_dim=8)
         model_cls, moe_layers = T.Qwen3MoeForCausalLM, [0, 1]
     else:
-        config = T.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=24,
-                                    n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
-                                    n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-                                    qk_nope_head_dim=8, v_head_dim=8)
+        config = T.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4,
+            n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+            q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
         model_cls, moe_layers = T.DeepseekV3ForCausalLM, [1]
     torch.manual_seed(0)
     model = model_cls(config).eval()

@@ -122,6 +122,7 @@ def test_convert_verify_dequantize(arch, workdir):
     assert set(model.weights) == experts
     for name, info in model.weights.items():
         assert (info.scheme, info.group_size, info.double_quant, info.role) == ("nf4", 64, True, "routed_expert")
+        assert info.dtype == "bfloat16"  # FP8 sources too: the model computes in BF16
         assert info.expert == int(re.search(r"experts\.(?:expert_)?(\d+)\.", name)[1])
         w = ref[name].float()
         err = (torch.from_numpy(model.dequantize(name)) - w).abs()

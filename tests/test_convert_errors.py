@@ -163,3 +163,22 @@ def test_bad_options(src, tmp_path, args, message):
     line = fails("convert", src, tmp_path / "out", *args)
     assert message in line
     assert not (tmp_path / "out").exists()
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_that_runs_code_is_refused_even_when_allowed(pristine, tmp_path):
+    src = tmp_path / "bin"
+    src.mkdir()
+    shutil.copy(pristine / "config.json", src)
+    marker = tmp_path / "executed"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, src / "pytorch_model.bin")
+    line = fails("convert", src, tmp_path / "out", "--allow-pickle")
+    assert "weights-only" in line and "pytorch_model.bin" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()

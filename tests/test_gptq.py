@@ -140,7 +140,7 @@ def test_expert_without_tokens_falls_back_to_rtn_with_a_warning():
     spec = QuantSpec("int4", 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = quantize_moe(model, ids, spec, CalibConfig(method="gptq", min_tokens=2))
+        result = quantize_moe(model, ids, spec, CalibConfig(method="gptq", min_effective_tokens=2))
     starved = [(i, e) for i, r in result.routing.items() for e in range(8) if r.tokens[e] == 0]
     assert starved, "the setup must leave an expert without tokens"
     for layer, expert in starved:
@@ -148,7 +148,7 @@ def test_expert_without_tokens_falls_back_to_rtn_with_a_warning():
         gate = before[layer][expert, :48]
         assert torch.equal(result.parts[(layer, expert, "gate")][1]["qweight"], quantize(gate, spec)["qweight"])
     for layer in model.model.layers:
-        assert torch.isfinite(layer.mlp.experts.gate_up_proj).all() and torch.isfinite(layer.mlp.experts.down_proj).all()
+        assert all(torch.isfinite(p).all() for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj))
     # the model now holds exactly what the parts decode to (fake quantization)
     gate_up = model.model.layers[1].mlp.experts.gate_up_proj
     assert torch.equal(dequantize(result.parts[(1, 3, "up")][1], spec, (48, 32)), gate_up[3, 48:])

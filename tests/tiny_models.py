@@ -150,3 +150,11 @@ def make_fp8(path: Path, block: tuple[int, int] = (32, 32)) -> Path:
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in ARCHITECTURES:
+        sys.exit(f"usage: python tests/tiny_models.py {{{'|'.join(ARCHITECTURES)}}} OUT_DIR")
+    print(build(sys.argv[1], Path(sys.argv[2])))

@@ -123,7 +123,7 @@ def loads_json(raw: bytes | str, path: str, what: str):
     except (ValueError, RecursionError) as exc:
         raise FormatError(path, f"{what} is not valid JSON ({exc})") from None
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        raise FormatError(path, f"{what} holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF): not valid Unicode")
+        raise FormatError(path, f"{what} holds an unpaired UTF-16 surrogate escape (\\uD800-\\uDFFF), not Unicode")
     return value
 
 

@@ -95,7 +95,8 @@ def read_plan(path: str | os.PathLike) -> LoadPlan:
             if info.expert in slot:  # two weights for one expert slot: the model is ambiguous, refuse it
                 raise FormatError(
                     model_file.path / info.shard,
-                    f"layer {info.layer} expert {info.expert} {info.proj} is also described by {slot[info.expert].name!r}",
+                    f"layer {info.layer} expert {info.expert} {info.proj} is also described by "
+                    f"{slot[info.expert].name!r}",
                     name,
                 )
             slot[info.expert] = info

@@ -9,6 +9,7 @@ per weight allows ``floor(B * n)`` bits for the ``n`` routed-expert weights.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from moeconv_numpy.schemes import code_bits, scheme_info, stored_bits
@@ -35,20 +36,22 @@ def weight_bits(spec, shape: tuple[int, int], mode: str) -> int:
 
 
 def expert_bits(expert: Expert, spec, mode: str) -> int:
-    """Bits of one expert's three projections, all quantized with ``spec``."""
-    return sum(weight_bits(spec, item.shape, mode) for item in expert.weights.values())
+    """Bits of one expert's projections, all quantized with ``spec``."""
+    return _shapes_bits(expert.shapes, spec, mode)
+
+
+@lru_cache(maxsize=4096)
+def _shapes_bits(shapes: tuple, spec, mode: str) -> int:
+    return sum(weight_bits(spec, shape, mode) for shape in shapes)
 
 
 def cost_matrix(experts: list[Expert], candidates: list, mode: str) -> np.ndarray:
-    """``[n_experts, n_candidates]`` integer costs; experts of one shape share a computed row."""
+    """``[n_experts, n_candidates]`` integer costs (computed once per distinct expert shape)."""
     rows: dict[tuple, list[int]] = {}
-    out = []
     for expert in experts:
-        key = tuple(item.shape for item in expert.weights.values())
-        if key not in rows:
-            rows[key] = [expert_bits(expert, spec, mode) for spec in candidates]
-        out.append(rows[key])
-    return np.array(out, dtype=np.int64)
+        if expert.shapes not in rows:
+            rows[expert.shapes] = [_shapes_bits(expert.shapes, spec, mode) for spec in candidates]
+    return np.array([rows[expert.shapes] for expert in experts], dtype=np.int64)
 
 
 def budget_bits(experts: list[Expert], avg_bits: float) -> int:

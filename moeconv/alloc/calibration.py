@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RoutedSample", "CalibrationStats", "measure"]
+__all__ = ["RoutedSample", "CalibrationStats", "measure", "load_model_and_ids"]
 
 
 @dataclass

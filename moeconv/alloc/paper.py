@@ -65,7 +65,7 @@ def level_counts(n_layers: int, n_experts: int, levels: tuple[int, ...], costs: 
     if len(levels) == 3 and levels[0] - levels[1] != levels[1] - levels[2]:
         raise ValueError(f"three --bit-levels must be equally spaced (the paper's policy), got {list(levels)}")
     if avg < c[-1] - 1e-9:
-        raise ValueError(f"budget {avg:.4g} bits per weight is below the lowest level's cost {c[-1]:.4g}")
+        raise ValueError(f"--avg-bits {avg:g} is below the lowest level's cost ({c[-1]:.4g} bits per weight, as --budget counts them)")
     n_total = n_layers * n_experts
     counts = np.zeros((n_layers, len(levels)), dtype=np.int64)
     if len(levels) == 2:

@@ -183,7 +183,8 @@ def plan_allocation(
     experts = source.experts
     limit = budget_bits(experts, avg_bits) if avg_bits is not None else None
     settings = {"bit_levels": list(bit_levels), "zeta": zeta, "router_reference": str(router_reference) if router_reference else None,
-                "scheme": scheme, "group_size": group_size, "seed": seed, "calib": str(calib) if calib else None}
+                "scheme": scheme, "group_size": group_size, "seed": seed, "calib": str(calib) if calib else None,
+                "method": method}
     notes: list[str] = []
     signals: dict[str, np.ndarray] = {}
 
@@ -250,7 +251,7 @@ def _calibrate(source, calib, loss_weighted, n_samples, seq_len, device):
 
 def _by_levels(source, orders, specs, levels, budget, avg_bits) -> dict[tuple[int, int], QuantSpec]:
     numel = sum(e.numel for e in source.experts)
-    costs = tuple(sum(expert_bits(e, spec, budget) for e in source.experts) / numel for spec in specs)
+    costs = tuple(cost_matrix(source.experts, specs, budget).sum(axis=0) / numel)
     counts = paper.level_counts(source.n_layers, source.n_experts, tuple(levels), costs, avg_bits)
     level = paper.assign_levels(orders, counts)
     return {(e.layer, e.expert): specs[level[source.position[e.layer], e.expert]] for e in source.experts}
@@ -275,9 +276,10 @@ def _uniform_spec(experts: list[Expert], budget, limit, scheme, group_size, cand
 
 def _plan(source, alloc, budget, avg_bits, limit, chosen, signals, notes, settings) -> Plan:
     choices, assignment = [], {}
+    rows = {name: np.asarray(grid, dtype=float).tolist() for name, grid in signals.items()}
     for e in source.experts:
         spec = chosen[(e.layer, e.expert)]
-        values = {name: float(grid[source.position[e.layer], e.expert]) for name, grid in signals.items()}
+        values = {name: grid[source.position[e.layer]][e.expert] for name, grid in rows.items()}
         choices.append(ExpertChoice(e.layer, e.expert, spec, expert_bits(e, spec, "stored"), expert_bits(e, spec, "code-bits"), e.numel, values))
         assignment.update({item.name: spec for item in e.weights.values()})
     plan = Plan(alloc, budget, avg_bits, limit, choices, assignment, notes, settings)

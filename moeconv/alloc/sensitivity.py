@@ -7,7 +7,7 @@ The damage of candidate c for expert e is
 over a uniform sample of ``n_e`` of the ``N_e`` calibration tokens routed to
 ``e`` (``moeconv.alloc.calibration``): ``E`` is the expert (gate, up, down with
 the model's activation), ``E_c`` the same expert with all three projections
-quantized by c (round-to-nearest, or GPTQ on the sample's Hessians), and
+quantized by c (round-to-nearest, or GPTQ cross-fitted on halves of the sample), and
 ``q_t`` the token's routing weight squared times the squared norm of the
 loss gradient at the block output.  Damages add up over experts, so the
 allocation minimizing the total under the bit budget is a multiple-choice
@@ -63,27 +63,34 @@ def _expert(weights: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]
     return {proj: w[i] for proj, w in weights.items()}
 
 
+def _hessians(weights: dict[str, torch.Tensor], inputs: list[torch.Tensor], act) -> dict[str, torch.Tensor]:
+    """GPTQ's Hessians per expert: ``X^T X`` for gate/up, ``Z^T Z`` of the down projection's input for down."""
+    h_in = torch.stack([x.T @ x for x in inputs])
+    h_mid = torch.stack([(z := _mid(_expert(weights, i), x, act)).T @ z for i, x in enumerate(inputs)])
+    return {proj: h_mid if proj == "down" else h_in for proj in weights}
+
+
 def layer_damages(weights: dict[str, torch.Tensor], samples: list[RoutedSample], candidates: list[QuantSpec], act,
                   method: str = "rtn") -> np.ndarray:
     """``D_e(c)`` ``[n_experts, n_candidates]`` for the stacked experts of one layer (0 where no token was routed).
 
-    GPTQ candidates are computed on Hessians of the same samples (``X^T X`` for
-    gate/up, ``Z^T Z`` of the down projection's input for down).
+    GPTQ fits the weights to the tokens it sees, so its error on those same
+    tokens flatters low bit-widths.  Its damage is therefore cross-fitted: GPTQ
+    on the Hessians of one half of each sample (alternate rows; the sample is
+    in random order) is scored on the other half, and the two halves are added.
     """
-    hessians = None
-    if method == "gptq":
-        h_in = torch.stack([s.x.T @ s.x for s in samples])
-        mids = [_mid(_expert(weights, i), s.x, act) for i, s in enumerate(samples)]
-        h_mid = torch.stack([z.T @ z for z in mids])
-        hessians = {proj: h_mid if proj == "down" else h_in for proj in weights}
-    references = [expert_forward(_expert(weights, i), s.x, act) for i, s in enumerate(samples)]
+    folds = [slice(None)] if method != "gptq" else [slice(0, None, 2), slice(1, None, 2)]
     out = np.zeros((len(samples), len(candidates)))
-    for j, spec in enumerate(candidates):
-        quantized = quantized_weights(weights, spec, method, hessians)
-        for i, sample in enumerate(samples):
-            if sample.x.shape[0]:
-                error = expert_forward(_expert(quantized, i), sample.x, act) - references[i]
-                out[i, j] = sample.scale * float((error.square().sum(-1) * sample.weight).sum())
+    for fit, score in zip(folds, folds[::-1]):
+        hessians = _hessians(weights, [s.x[fit] for s in samples], act) if method == "gptq" else None
+        inputs = [s.x[score] for s in samples]
+        references = [expert_forward(_expert(weights, i), x, act) for i, x in enumerate(inputs)]
+        for j, spec in enumerate(candidates):
+            quantized = quantized_weights(weights, spec, method, hessians)
+            for i, (sample, x) in enumerate(zip(samples, inputs)):
+                if x.shape[0]:
+                    error = expert_forward(_expert(quantized, i), x, act) - references[i]
+                    out[i, j] += sample.scale * float((error.square().sum(-1) * sample.weight[score]).sum())
     return out
 
 

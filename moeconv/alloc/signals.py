@@ -60,10 +60,12 @@ def max_variance(source: ExpertSource) -> np.ndarray:
     projection (Switch Transformers) use their first FFN matrix ``wi``.
     """
     out = np.zeros((source.n_layers, source.n_experts))
-    for expert in source.experts:
-        weight = source.read(expert.weights[expert.first_proj])
-        row = weight[torch.argmax(weight.square().sum(dim=1))]
-        out[source.position[expert.layer], expert.expert] = row.var().item()
+    for layer in source.layers:
+        experts = [e for e in source.experts if e.layer == layer]
+        weights = torch.stack([source.read(e.weights[e.first_proj]) for e in experts])
+        rows = torch.argmax(weights.square().sum(dim=2), dim=1)
+        variance = weights[torch.arange(len(experts)), rows].var(dim=1)
+        out[source.position[layer], [e.expert for e in experts]] = variance.double().numpy()
     return out
 
 

@@ -8,10 +8,13 @@ weight, read one matrix at a time so that a signal never holds a whole layer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
+from safetensors import safe_open
 
 from moeconv.adapters import ROUTED, Item, adapter_for_config
 from moeconv.source import Source, open_source as _open
@@ -27,9 +30,14 @@ class Expert:
     expert: int
     weights: dict[str, Item] = field(hash=False, compare=False)
 
-    @property
+    @cached_property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The projections' shapes, in ``weights`` order (the key of the bit accounting)."""
+        return tuple(tuple(item.shape) for item in self.weights.values())
+
+    @cached_property
     def numel(self) -> int:
-        return sum(item.shape[0] * item.shape[1] for item in self.weights.values())
+        return sum(shape[0] * shape[1] for shape in self.shapes)
 
     @property
     def first_proj(self) -> str:
@@ -87,7 +95,50 @@ class ExpertSource:
 
     def read(self, item: Item) -> torch.Tensor:
         """One weight as float32 (only its bytes are read from the memory-mapped shard)."""
-        return item.load(self.source).to(torch.float32)
+        return item.load(self._reader).to(torch.float32)
+
+    @cached_property
+    def _reader(self):
+        return self.source if self.source.pickle else _OpenShards(self.source)
+
+
+class _OpenShards:
+    """Reads tensors straight from one copy-on-write memory map per shard.
+
+    A tensor becomes a view of its bytes (float dtypes) at a few microseconds
+    each, instead of a ``safe_open`` call with a header parse per tensor; only
+    the pages of the tensors read are ever touched.  Slices of fused tensors
+    and other dtypes go through ``safe_open``.
+    """
+
+    _VIEWS = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.maps: dict[str, tuple[np.ndarray, int]] = {}
+
+    def _map(self, file: str) -> tuple[np.ndarray, int]:
+        if file not in self.maps:
+            path = self.source.path / file
+            mapped = np.memmap(path, dtype=np.uint8, mode="c").view(np.ndarray)  # plain views: no memmap bookkeeping per slice
+            header = int(np.frombuffer(mapped[:8].tobytes(), dtype="<u8")[0])
+            self.maps[file] = (mapped, 8 + header)
+        return self.maps[file]
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.source.tensors[name]
+        if info.dtype not in self._VIEWS:
+            with safe_open(self.source.path / info.file, framework="pt") as handle:
+                return handle.get_tensor(name)
+        np_dtype, torch_dtype = self._VIEWS[info.dtype]
+        mapped, start = self._map(info.file)
+        count = math.prod(info.shape)
+        begin = start + info.offset
+        raw = mapped[begin: begin + count * np.dtype(np_dtype).itemsize].view(np_dtype)
+        return torch.from_numpy(raw).view(torch_dtype).reshape(info.shape)
+
+    def read_slice(self, name: str, index: int) -> torch.Tensor:
+        return self.read(name)[index]
 
 
 def open_source(src) -> ExpertSource:

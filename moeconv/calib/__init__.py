@@ -10,11 +10,12 @@ is a fake-quantized copy afterwards), and returns the format tensors of every
 expert weight plus what the converter must store differently (AWQ's folded
 norm/router scales) and the routing statistics the allocator uses.
 
-Starved experts, in order: fewer than ``min_tokens`` routed tokens -> the
-Hessian also gets every other token weighted by its router probability
-(capture); still fewer than ``min_tokens`` effective tokens -> round-to-nearest
-for that expert, with a warning naming layer and expert and the fallback listed
-in ``CalibResult.fallbacks``.  Never a crash, never a NaN.
+Starved experts, in order: fewer than ``min_tokens`` routed tokens (default
+4x the larger of hidden and intermediate size) -> the Hessian also gets every
+other token weighted by its router probability (capture); fewer than
+``min_effective_tokens`` (default 1x) routed plus probability-weighted tokens
+-> round-to-nearest for that expert, with a warning naming layer and expert
+and the fallback listed in ``CalibResult.fallbacks``.  Never a crash, never a NaN.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ class CalibConfig:
     (one scale per layer folded into the norm, readers compensated: writable in
     format v1), ``expert`` (one per expert; fake-quant measurement only, needs a
     spec addition) or ``none``.  ``awq_pow2``: power-of-two layer scales, so the
-    folds are exact and router logits unchanged.  ``clip``: choose each
+    folds are exact and router logits unchanged.  ``min_tokens`` /
+    ``min_effective_tokens``: starved-expert thresholds (module docstring;
+    None = 4x / 1x the larger of hidden and intermediate size).  ``clip``: choose each
     group's range by the least output error on the calibration tokens
     (GPTQ and AWQ; the stored scales/zeros are then those of the clipped range).
     """
@@ -61,6 +64,7 @@ class CalibConfig:
     act_order: bool = False
     block_size: int = 128
     min_tokens: int | None = None
+    min_effective_tokens: int | None = None
     awq_input: str = "norm"
     awq_grid: int = 20
     awq_pow2: bool = True
@@ -118,6 +122,9 @@ class CalibResult:
         expert, proj)``; those return the calibrated parts (the spec must be the
         one they were made with), every other name goes to ``default`` (RTN).
         """
+        if self.expert_input_scales:
+            raise ValueError("awq_input='expert' needs per-expert input scales, which format v1 cannot store; "
+                             "its parts are for fake-quant measurement only")
 
         def run(weight: torch.Tensor, spec: QuantSpec, name: str) -> dict[str, torch.Tensor]:
             key = keys.get(name)
@@ -137,14 +144,15 @@ def _spec(spec_for: SpecFor, layer: int, expert: int, proj: str) -> QuantSpec:
     return spec_for(layer, expert, proj) if callable(spec_for) else spec_for
 
 
-def _weak_experts(layer: CalibLayer, result: CalibResult) -> torch.Tensor:
+def _weak_experts(layer: CalibLayer, threshold: int | None, result: CalibResult) -> torch.Tensor:
     """Experts whose Hessian rests on too few (effective) tokens: RTN for them, with a warning each."""
     stats = layer.stats
-    threshold = stats.min_tokens
+    threshold = max(stats.h_in.shape[-1], stats.h_mid.shape[-1]) if threshold is None else threshold
     weak = stats.effective_tokens < threshold
     for e in weak.nonzero().flatten().tolist():
         msg = (f"layer {layer.index} expert {e}: {int(stats.tokens[e])} routed tokens, "
-               f"{float(stats.effective_tokens[e]):.1f} effective with soft routing < {threshold}; using round-to-nearest")
+               f"{float(stats.effective_tokens[e]):.1f} effective with soft routing < {threshold}; "
+               "using round-to-nearest")
         warnings.warn(msg, stacklevel=3)
         result.fallbacks.append(msg)
     return weak
@@ -226,7 +234,7 @@ def _quantize_layer(layer: CalibLayer, spec_for: SpecFor, config: CalibConfig, r
     gate, up, down = layer.weights()
     stats, idx = layer.stats, layer.index
     n_experts = gate.shape[0]
-    weak = _weak_experts(layer, result)
+    weak = _weak_experts(layer, config.min_effective_tokens, result)
     h_in, h_mid = stats.h_in, stats.h_mid
     in_scale = None
     if config.method == "awq":
@@ -280,7 +288,6 @@ def quantize_moe(
                                     batch_size=config.batch_size):
         _quantize_layer(layer, spec, config, result)
     return result
-
 
 
 def calibrate_checkpoint(

@@ -22,8 +22,12 @@ Where the scales fold, for a gated expert ``down(act(gate x) * up x)``:
   unchanged.  With ``pow2=True`` the scale is a power of two per channel, so
   both folds are exact in BF16 and the router computes bit-identical logits
   (the stored router bytes do change).  ``search_expert_scales`` gives each
-  expert its own input scale: better fit, but it needs a per-expert vector the
-  format v1 does not have, so it is for fake-quant measurement only.
+  expert its own input scale, fitted to its own tokens, but it needs a
+  per-expert vector the format v1 does not have, so it is for fake-quant
+  measurement only (on moe-tiny-mixtral it did not beat the layer scale).
+
+After scaling, :func:`search_clip` shrinks each group's range where that
+lowers the output error (AWQ's clipping step), for every scheme.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from moeconv_numpy.schemes import scheme_info
 from .gptq import CLIP_SHRINK, diagonal_blocks, group_error, hessian_error, int_rtn
 
 __all__ = [
-    "fake_quantize", "candidate_scales", "search_layer_scale", "search_expert_scales", "search_clip", "fold_input_scale",
+    "fake_quantize", "candidate_scales", "search_layer_scale", "search_expert_scales", "search_clip",
+    "fold_input_scale",
 ]
 
 
@@ -107,7 +112,7 @@ def search_expert_scales(
     weight: torch.Tensor, hessian: torch.Tensor, act_mean: torch.Tensor, spec: QuantSpec,
     *, n_grid: int = 20, pow2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One input scale per matrix: ``weight [n, rows, cols]``, ``act_mean [n, cols]`` -> (scales [n, cols], errors [2, n]).
+    """One input scale per matrix: ``weight [n, rows, cols]``, ``act_mean [n, cols]`` -> (scales, errors [2, n]).
 
     ``errors`` holds each matrix's output error with its chosen scale and with
     RTN.  Used for the down projection (folds into ``up``) and, in fake

@@ -18,13 +18,17 @@ Memory: only the current layer's input hidden states for the calibration set
 (``[n_samples, seq_len, hidden]`` in the model dtype) plus the layer's
 statistics are held; nothing of other layers is kept.
 
-Starved experts (fewer than ``min_tokens`` routed tokens) get a second pass
-over the same layer input in which every token NOT routed to them is added with
-weight ``p_te``, its router probability for that expert: the expected Hessian
-under sampling the routing from the router's distribution, which concentrates
-on the tokens that nearly reached the expert.  ``effective_tokens`` is then
+Starved experts (fewer than ``min_tokens`` routed tokens, by default four
+times the larger of hidden and intermediate size) get a second pass over the
+same layer input in which every token NOT routed to them is added with weight
+``p_te``, its router probability for that expert: the expected Hessian under
+sampling the routing from the router's distribution, which concentrates on
+the tokens that nearly reached the expert.  ``effective_tokens`` is then
 ``tokens + sum p_te``; what still falls short is the quantizer's business
-(GPTQ/AWQ fall back to RTN and warn, naming the expert).
+(GPTQ/AWQ fall back to RTN and warn, naming the expert).  Measured on
+moe-tiny-mixtral (layer 0 has three experts with 400-830 of 131k routed
+slots but 5-8k of probability mass): with the soft tokens, GPTQ's output
+error on held-out text drops from 0.94-1.98x RTN's to 0.69-0.92x.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ ARCHS: dict[str, MoEArch] = {
 
 
 def arch_for(model: torch.nn.Module) -> MoEArch:
-    """The :class:`MoEArch` of a transformers model, by ``config.model_type``; unknown types raise naming the known ones."""
+    """The :class:`MoEArch` of a transformers model by ``config.model_type``; unknown types raise, naming the known."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     try:
         return ARCHS[model_type]
@@ -115,7 +119,8 @@ def fused_expert_weights(experts: torch.nn.Module) -> tuple[torch.Tensor, torch.
     """
     name = type(experts).__name__
     if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
-        raise NotImplementedError(f"{name}: transposed or interleaved gate_up_proj layouts are not supported for calibration")
+        raise NotImplementedError(
+            f"{name}: transposed or interleaved gate_up_proj layouts are not supported for calibration")
     if getattr(experts, "has_bias", False):
         raise NotImplementedError(f"{name}: experts with biases are not supported for calibration")
     if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
@@ -139,7 +144,7 @@ class LayerStats:
     those tokens carried; ``prob_mass``: sum over ALL tokens of the router
     probability of the expert; ``soft_tokens``: probability mass of non-routed
     tokens added for starved experts (0 elsewhere); ``n_tokens``: tokens seen;
-    ``min_tokens``: the threshold below which an expert was starved.
+    ``min_tokens``: the routed-token count below which an expert was starved.
     """
 
     h_in: torch.Tensor
@@ -320,10 +325,11 @@ def iterate_moe_layers(
     so weights it changes (quantized, scale-folded) are what produces the next
     layer's inputs: sequential quantization, as GPTQ does it.  Layers without
     an experts module (dense layers of DeepSeek-style models) are run through
-    without yielding.  ``min_tokens`` (default: the larger of hidden and
-    intermediate size, so that both Hessians can be full rank) marks experts
-    with fewer routed tokens as starved; they get a soft-routing pass (see the
-    module docstring) and are listed in ``stats.starved``.
+    without yielding.  ``min_tokens`` (default: 4x the larger of hidden and
+    intermediate size, a sample count at which a covariance estimate of that
+    dimension is reliable) marks experts with fewer routed tokens as starved;
+    they get a soft-routing pass (see the module docstring) and are listed in
+    ``stats.starved``.
     """
     arch = arch or arch_for(model)
     layers = _get(model, arch.layers)
@@ -340,7 +346,7 @@ def iterate_moe_layers(
         hooks = _Hooks(block, arch, stats)
         try:
             _run_layer(layer, inputs)
-            stats.min_tokens = max(hidden, inter) if min_tokens is None else min_tokens
+            stats.min_tokens = 4 * max(hidden, inter) if min_tokens is None else min_tokens
             stats.starved = [e for e in range(n_experts) if stats.tokens[e] < stats.min_tokens]
             if stats.starved:
                 hooks.soft = stats.starved

@@ -86,7 +86,7 @@ def command(ctx: click.Context, src: str, out: Path, revision, scheme, group_siz
     arguments.
     """
     from moeconv.adapters import AdapterError
-    from moeconv.pipeline import ConvertError, Options, convert, plan_conversion
+    from moeconv.pipeline import ConvertError, Options, plan_conversion
     from moeconv.quant import QuantSpec
     from moeconv.source import SourceError, open_source
 
@@ -112,7 +112,7 @@ def command(ctx: click.Context, src: str, out: Path, revision, scheme, group_siz
             alloc_plan = plan_allocation(
                 source, **kwargs, calib=calib,
                 scheme=scheme if _explicit(ctx, "scheme") else None,
-                group_size=group_size,
+                group_size=group_size, method=method, device=device,
             )
             assignment = alloc_plan.assignment
         conv = plan_conversion(source, options, assignment)
@@ -121,11 +121,13 @@ def command(ctx: click.Context, src: str, out: Path, revision, scheme, group_siz
             click.echo("dry run: nothing written")
             return
         quantizer = calibrated_quantizer(conv, method, calib, device) if method != "rtn" else None
+        started = time.monotonic()
         result = _run(conv, out, quantizer, workers or default_workers(), device, alloc_plan, push_to_hub)
     except (SourceError, AdapterError, ConvertError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    seconds = time.monotonic() - started
     click.echo(
-        f"wrote {out} ({result.out_bytes / 1e6:,.1f} MB from {result.source_bytes / 1e6:,.1f} MB"
+        f"wrote {out} ({result.out_bytes / 1e6:,.1f} MB from {result.source_bytes / 1e6:,.1f} MB in {seconds:,.1f} s"
         + (f"; resumed, {result.tasks_resumed} tensors were already written" if result.tasks_resumed else "") + ")"
     )
     if push_to_hub:

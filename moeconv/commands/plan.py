@@ -58,11 +58,15 @@ def render(plan: Plan) -> str:
               help="Calibration text file (sensitivity, frequency).")
 @click.option("--scheme", default=None, help="uniform: the scheme for every expert; level allocators: int or int-sym family.")
 @click.option("--group-size", type=int, default=None, help="Group size of the levels (default 64); restricts sensitivity's candidates.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default="rtn", show_default=True,
+              help="The quantizer convert will use: sensitivity measures its damage (gptq: int candidates only).")
+@click.option("--device", default=None, help="Torch device for calibration (default: cuda if available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def command(src, calib, scheme, group_size, as_json, **allocation) -> None:
+def command(src, calib, scheme, group_size, method, device, as_json, **allocation) -> None:
     """Show which scheme every routed expert of SRC would get, why, and the predicted size. Writes nothing."""
     try:
-        plan = plan_allocation(src, calib=calib, scheme=scheme, group_size=group_size, **allocation_kwargs(**allocation))
+        plan = plan_allocation(src, calib=calib, scheme=scheme, group_size=group_size, method=method, device=device,
+                               **allocation_kwargs(**allocation))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(plan.to_dict(), indent=1) if as_json else render(plan))

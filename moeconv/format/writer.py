@@ -222,7 +222,7 @@ class ShardedWriter:
         entries = set(os.listdir(self.out_dir)) if self.out_dir.is_dir() else set()
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ValueError(f"output {self.out_dir} exists and is not a directory")
-        if resume and (entries <= {PARTIAL_DIR} or PARTIAL_DIR in entries):
+        if resume and (not entries or PARTIAL_DIR in entries):  # other entries: left by an interrupted finalize()
             self._partial.mkdir(parents=True, exist_ok=True)
             self._undo_interrupted_finalize(entries)
             self._adopt_completed_shards()

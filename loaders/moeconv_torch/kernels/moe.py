@@ -143,9 +143,9 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, u
         for k0 in range(0, H, BK * UNROLL):
             for r in tl.static_range(UNROLL):
                 acc_g = gemv_tile(acc_g, x_rows, valid[:, None], gq, gs, gz, gfa, gfb, gb, tab_ptr, n, n_ok,
-                                  k0 + r * BK, H, H, GSPEC, BK)
+                                  k0 + r * BK, H, GSPEC, BK)
                 acc_u = gemv_tile(acc_u, x_rows, valid[:, None], uq, us, uz, ufa, ufb, ub, tab_ptr, n, n_ok,
-                                  k0 + r * BK, H, H, USPEC, BK)
+                                  k0 + r * BK, H, USPEC, BK)
     if not USE_DOT:
         acc_g = tl.sum(acc_g, axis=1)[None, :]
         acc_u = tl.sum(acc_u, axis=1)[None, :]
@@ -174,8 +174,9 @@ def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_o
     else:
         for k0 in range(k_lo, k_hi, BK * UNROLL):
             for r in tl.static_range(UNROLL):
+                # K splits are multiples of the unrolled step, so no step crosses into the next split.
                 acc = gemv_tile(acc, h_rows, valid[:, None], q, s, z, fa, fb, b, tab_ptr, n, n_ok, k0 + r * BK, I,
-                                k_hi, SPEC, BK)
+                                SPEC, BK)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[None, :]
     return acc

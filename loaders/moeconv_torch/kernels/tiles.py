@@ -163,19 +163,19 @@ def _x_plane(x_row, x_ok, k0, K, I: tl.constexpr, P: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def gemv_tile(acc, x_row, x_ok, q_ptr, s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0, K, k_end,
+def gemv_tile(acc, x_row, x_ok, q_ptr, s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0, K,
               SPEC: tl.constexpr, BK: tl.constexpr):
     """acc + W[rows, k0:k0+BK] * x[k0:k0+BK], kept as partial sums [rows, BK/P] (P codes per byte; 8 for 3-bit).
 
     The decode path: each bit plane of the codes is multiplied by the
     activations at the same K offsets (``x_row`` is a [1, 1] pointer to one
     token's row), so no tile is ever interleaved or moved between layouts.
-    A tile at or past ``k_end`` adds nothing and reads nothing.  Reduce
-    ``acc`` over its second axis after the K loop.
+    A tile at or past the row end (an unrolled step overshooting K) adds and
+    reads nothing.  Reduce ``acc`` over its second axis after the K loop.
     """
     FAM: tl.constexpr = SPEC % 4
     BITS: tl.constexpr = SPEC // 4 % 16
-    live = row_ok & (rows * 0 + k0 < k_end)  # a tensor comparison: stays a boolean mask
+    live = row_ok & (rows * 0 + k0 < K)  # a tensor comparison: stays a boolean mask
     byte0, s, z = _tile_params(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, live, k0, K, SPEC)
     ok = live[:, None]
     if BITS == 8:
