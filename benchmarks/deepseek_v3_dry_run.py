@@ -374,7 +374,7 @@ def probe() -> dict:
 #: The one-GPU projection's inputs (no CUDA entry exists in benchmarks/results/quant_throughput_*.json).
 GPU_ASSUMPTION = {
     "end_to_end_routed_weights_per_s": 214.5e6,
-    "measured_in": "benchmarks/results/dev_cuda_w1.json: `moeconv convert --device cuda` of a Mixtral-shaped BF16 "
+    "measured_in": "benchmarks/results/convert_mixtral_synthetic_h100-cuda_w1.json: `moeconv convert --device cuda` of a Mixtral-shaped BF16 "
                    "checkpoint on one H100 with a 16-core host, 429 MB/s of BF16 routed experts = 214.5 M weights/s "
                    "(reading, host-to-device copy, NF4 quantization on the GPU, copy back, writing)",
     "host_threads": 16,

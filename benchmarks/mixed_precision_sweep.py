@@ -285,7 +285,7 @@ def main() -> None:
             args.out.write_text(json.dumps(out, indent=1, ensure_ascii=False))
         _restore(model, fq.original)  # float experts again for the next quantizer
     if args.sequential_check:
-        out["sequential_gptq"] = sequential_check(model, source, calib_ids, stats, ppl)
+        out["sequential_gptq"] = sequential_check(model, source, calib_ids, stats, ppl, args.model)
     timing["total_s"] = time.time() - t0
     args.out.write_text(json.dumps(out, indent=1, ensure_ascii=False))
     plot(results, args.out.with_suffix(".png"))
@@ -301,20 +301,25 @@ def _restore(model, original) -> None:
         experts.down_proj.data[expert] = w["down"]
 
 
-def sequential_check(model, source, calib_ids, stats, ppl):
-    """Sequential GPTQ (``moeconv.calib.quantize_moe``, what convert runs) for uniform INT3 g64 and sensitivity at 3.5."""
+#: Settings re-run with sequential GPTQ (``moeconv.calib.quantize_moe``, what ``convert --method gptq`` does).
+SEQUENTIAL = ("uniform@3.5", "sensitivity@3.5", "sensitivity g64@3.0code", "paper(final-norm)@3.0code",
+              "paper(true-Λ)@3.0code", "frequency@3.0code")
+
+
+def sequential_check(model, source, calib_ids, stats, ppl, model_dir):
+    """Sequential GPTQ of a few allocations: later layers calibrate on the quantized earlier ones."""
     from moeconv.calib import CalibConfig, quantize_moe
 
     device = next(model.parameters()).device
     original = {(e.layer, e.expert): {p: source.read(it).to(device) for p, it in e.weights.items()} for e in source.experts}
     rows = []
-    for name, alloc in (("uniform@3.5", "uniform"), ("sensitivity@3.5", "sensitivity")):
-        extra = {"calib_stats": stats, "method": "gptq"} if alloc == "sensitivity" else {}
-        plan = plan_allocation(source, avg_bits=3.5, alloc=alloc, **extra)
-        specs = plan.by_expert
+    for name, mode, avg, alloc, kwargs in settings(model_dir, [3.5]):
+        if name not in SEQUENTIAL:
+            continue
+        plan, specs = make_plan(source, alloc, avg, mode, kwargs, stats, "gptq")
         t = time.time()
         quantize_moe(model, calib_ids, lambda layer, expert, proj: specs[(layer, expert)], CalibConfig(method="gptq"))
-        rows.append({"setting": name, "ppl": ppl(), "quantize_s": time.time() - t})
+        rows.append({"setting": name, "ppl": ppl(), "quantize_s": time.time() - t, **summary(plan, specs)})
         print(f"sequential gptq {name}: ppl {rows[-1]['ppl']:.4f}", flush=True)
         _restore(model, original)
     return rows

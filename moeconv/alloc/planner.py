@@ -228,6 +228,9 @@ def plan_allocation(
             pool = [s for s in pool if group_size_of(s) == group_size]
         if method == "gptq":
             pool = [s for s in pool if scheme_info(s.scheme).family == "int"]
+        if budget == "code-bits" and len({group_size_of(s) for s in pool}) > 1:
+            notes.append("--budget code-bits does not charge for scales, so smaller groups look free; "
+                         "pass --group-size to compare bit-widths at one group size")
         chosen, damages = allocate(source, calib_stats, pool, budget, limit, "gptq" if method == "gptq" else "rtn", device)
         notes.append(f"sensitivity: damage of {'GPTQ' if method == 'gptq' else 'round-to-nearest'} measured for "
                      f"{len(pool)} candidates per expert ({', '.join(spec_label(s) for s in pool)}), exact knapsack")
