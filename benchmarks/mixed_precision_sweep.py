@@ -302,8 +302,8 @@ def _restore(model, original) -> None:
 
 
 #: Settings re-run with sequential GPTQ (``moeconv.calib.quantize_moe``, what ``convert --method gptq`` does).
-SEQUENTIAL = ("uniform@3.5", "sensitivity@3.5", "sensitivity g64@3.0code", "paper(final-norm)@3.0code",
-              "paper(true-Λ)@3.0code", "frequency@3.0code")
+SEQUENTIAL = ("uniform@3.5", "sensitivity@3.5", "uniform@4.25", "sensitivity@4.25", "sensitivity g64@3.0code",
+              "paper(final-norm)@3.0code", "paper(true-Λ)@3.0code", "frequency@3.0code")
 
 
 def sequential_check(model, source, calib_ids, stats, ppl, model_dir):
@@ -313,7 +313,7 @@ def sequential_check(model, source, calib_ids, stats, ppl, model_dir):
     device = next(model.parameters()).device
     original = {(e.layer, e.expert): {p: source.read(it).to(device) for p, it in e.weights.items()} for e in source.experts}
     rows = []
-    for name, mode, avg, alloc, kwargs in settings(model_dir, [3.5]):
+    for name, mode, avg, alloc, kwargs in settings(model_dir, [3.5, 4.25]):
         if name not in SEQUENTIAL:
             continue
         plan, specs = make_plan(source, alloc, avg, mode, kwargs, stats, "gptq")
