@@ -287,10 +287,9 @@ def timed(calls):
 
 DECODE_SWEEP = {
     1: [kmoe.MoeConfig("gemv", 1, bn_up, bn_dn, 64, 0, w, s, unroll=u)
-        for bn_up, bn_dn, w, s, u in [(32, 64, 4, 3, 2), (64, 64, 4, 3, 4), (32, 64, 4, 2, 8), (16, 32, 4, 3, 4),
-                                      (32, 64, 8, 3, 4)]],
-    16: [kmoe.MoeConfig("gemv", 1, 32, 64, 64, 0, 4, 3), kmoe.MoeConfig("dot", 16, 32, 32, 64, 0, 4, 3),
-         kmoe.MoeConfig("dot", 16, 64, 64, 64, 0, 4, 4)],
+        for bn_up, bn_dn, w, s, u in [(32, 64, 4, 3, 2), (64, 64, 4, 3, 4), (64, 128, 4, 3, 4), (32, 64, 4, 3, 8),
+                                      (64, 64, 8, 3, 4), (128, 128, 8, 3, 4), (64, 64, 4, 3, 2)]],
+    16: [kmoe.MoeConfig("dot", 16, 32, 32, 64, 0, 4, 3), kmoe.MoeConfig("dot", 16, 64, 64, 64, 0, 4, 4)],
 }
 PREFILL_SWEEP = [kmoe.MoeConfig("dot", bm, bn, bn, 64, 1, w, s)
                  for bm, bn, w, s in [(128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]]

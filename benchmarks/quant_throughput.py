@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from moeconv.quant import QuantSpec, quantize
+from moeconv.quant import QuantSpec, chunks, quantize
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "quant_throughput_cpu.json"
 
@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--only", default=None, help="comma-separated substrings; run only matching cases")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default: {DEFAULT_OUT})")
+    parser.add_argument("--gpu-chunk-elements", type=int, default=None,
+                        help="override moeconv.quant.chunks.GPU_CHUNK_ELEMENTS (how its default was chosen)")
     args = parser.parse_args(argv)
+    if args.gpu_chunk_elements:
+        chunks.GPU_CHUNK_ELEMENTS = args.gpu_chunk_elements
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
         "cpu_model": _cpu_model(),
         "torch_threads": torch.get_num_threads(),
+        "gpu_chunk_elements": chunks.GPU_CHUNK_ELEMENTS,
         "versions": _versions(),
         "platform": platform.platform(),
         "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-import transformers as T
+import tiny_models as tm
 
 from moeconv.calib import CalibConfig, quantize_moe
 from moeconv.calib.awq import (
@@ -59,14 +59,7 @@ def test_fake_quantize_is_dequantize_of_quantize():
 
 
 def tiny_mixtral(dtype=torch.bfloat16, experts: int = 4) -> torch.nn.Module:
-    config = T.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=64, num_local_experts=experts, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = T.MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.to(dtype)
+    return tm.mixtral_in_memory(0, experts, dtype)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+import tiny_models as tm
 
 from moeconv.calib.capture import ARCHS, MoEArch, iterate_moe_layers
 
@@ -12,14 +13,7 @@ HIDDEN, INTER, EXPERTS = 32, 48, 4
 
 
 def tiny_mixtral(seed: int = 0, experts: int = EXPERTS) -> torch.nn.Module:
-    config = T.MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=64, num_local_experts=experts, num_experts_per_tok=2)
-    torch.manual_seed(seed)
-    model = T.MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    return tm.mixtral_in_memory(seed, experts)
 
 
 def block_inputs(model, ids, arch: MoEArch = ARCHS["mixtral"]) -> dict[int, torch.Tensor]:

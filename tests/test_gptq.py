@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import tiny_models as tm
 
 from moeconv.calib import CalibConfig, iterate_moe_layers, quantize_moe
 from moeconv.calib.gptq import clipped_params, diagonal_blocks, gptq_quantize, group_error, hessian_error, int_rtn
@@ -120,21 +121,8 @@ def test_degenerate_hessians_never_crash_or_nan():
         gptq_quantize(w, h, QuantSpec("nf4", 64))
 
 
-def _tiny_mixtral(experts: int):
-    import transformers as T
-
-    config = T.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=64, num_local_experts=experts, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = T.MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
-
-
 def test_expert_without_tokens_falls_back_to_rtn_with_a_warning():
-    model = _tiny_mixtral(experts=8)
+    model = tm.mixtral_in_memory(experts=8)
     before = [layer.mlp.experts.gate_up_proj.detach().clone() for layer in model.model.layers]
     ids = torch.randint(0, 64, (1, 3), generator=torch.Generator().manual_seed(1))  # 6 routed slots < 8 experts
     spec = QuantSpec("int4", 16)

@@ -37,24 +37,24 @@ def weight_like(scheme, shape, group_size, double_quant, rng):
     return parts, (scheme, group_size, double_quant)
 
 
-def make_layer(quants, rng):
+def make_layer(quants, rng, hidden=H, inter=I):
     """quants: per expert ((gate scheme, gs, dq), (up ...), (down ...)) -> (PackedExperts, float32 weights)."""
     packed = {"gate": [], "up": [], "down": []}
     dense = {"gate": [], "up": [], "down": []}
     for q in quants:
         for proj, (scheme, gs, dq) in zip(("gate", "up", "down"), q):
-            shape = (H, I) if proj == "down" else (I, H)
+            shape = (hidden, inter) if proj == "down" else (inter, hidden)
             parts, _ = weight_like(scheme, shape, gs, dq, rng)
             packed[proj].append(PackedWeight(to_torch(parts), scheme, gs, dq))
             w = torch.from_numpy(ref_dequantize(parts, scheme, shape, gs, dq))
             dense[proj].append(w.to(torch.bfloat16).float())
-    return PackedExperts.build(packed["gate"], packed["up"], packed["down"], hidden=H, intermediate=I), dense
+    return PackedExperts.build(packed["gate"], packed["up"], packed["down"], hidden=hidden, intermediate=inter), dense
 
 
 def reference(x, ids, wts, dense):
     """float32 MoE with bfloat16 weights and a bfloat16 intermediate, as a BF16 model computes it."""
     xf = x.float().cpu()
-    out = torch.zeros(x.shape[0], H)
+    out = torch.zeros(x.shape[0], x.shape[1])
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
@@ -113,6 +113,21 @@ def test_more_variants_than_one_launch_and_float16():
         got = moe.fused_moe(x, ids, wts, experts, dataclasses.replace(GEMV, variants_per_launch=per_launch))
         assert got.dtype == torch.float16
         assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
+
+
+def test_gemv_rows_that_end_inside_a_tile_and_unaligned_codes():
+    """K not a multiple of the K tile (per-element bounds), int3 groups too small for 32-bit words (byte path)."""
+    hidden, inter = 96, 80
+    quants = [(("int3", 16, False), ("int2", 16, False), ("int4", 64, False)),
+              (("int4-sym", 32, False), ("int3", 32, False), ("int8", 16, False)),
+              (("nf4", 32, True), ("int3", 64, False), ("int2", 32, False))]
+    rng = np.random.default_rng(7)
+    experts, dense = make_layer(quants, rng, hidden, inter)
+    x = torch.from_numpy(rng.standard_normal((2, hidden))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(2, len(quants), 2, rng)
+    config = moe.MoeConfig("gemv", 1, 32, 32, 64, 1, 4, 1, unroll=2)
+    assert hidden % config.block_k and inter % config.block_k
+    assert_close(moe.fused_moe(x, ids, wts, experts, config), reference(x, ids.cpu(), wts.cpu(), dense))
 
 
 def test_default_dispatch_uses_both_paths():

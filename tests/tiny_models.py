@@ -75,6 +75,23 @@ def build(arch: str, path: Path, seed: int = 0, max_shard_size: str = SHARD) -> 
     return Path(path)
 
 
+def mixtral_in_memory(seed: int = 0, experts: int = 4, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny Mixtral (hidden 32, intermediate 48, 2 layers, top-2) built in memory, weights ~ N(0, 0.2).
+
+    The large weights make routing and quantization errors visible at this size.
+    """
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, num_local_experts=experts, num_experts_per_tok=2)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.to(dtype)
+
+
 def shard_files(path: Path) -> dict[str, str]:
     """tensor name -> shard file of a saved checkpoint."""
     index = path / "model.safetensors.index.json"

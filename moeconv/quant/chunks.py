@@ -30,8 +30,11 @@ __all__ = ["CHUNK_ELEMENTS", "GPU_CHUNK_ELEMENTS", "chunk_elements", "for_each_c
 #: a chunk's temporaries stay in cache instead of streaming full-size float32
 #: copies of the weight through memory (2**17..2**20 measured; 2**19 was best).
 CHUNK_ELEMENTS = 1 << 19
-#: The same on a GPU, where launch overhead, not cache, sets the size (64 MiB).
-GPU_CHUNK_ELEMENTS = 1 << 24
+#: The same on a GPU, where launch overhead, not cache, sets the size: a
+#: Mixtral expert matrix (58.7M elements) is one chunk.  H100, INT4 g64, MB/s of
+#: BF16 input for 2^20 / 2^22 / 2^24 / 2^26: 4.8k / 20k / 34k / 52k
+#: (benchmarks/results/quant_throughput_cuda.json).
+GPU_CHUNK_ELEMENTS = 1 << 26
 
 T = TypeVar("T")
 

@@ -20,9 +20,10 @@ Two paths, chosen by the number of (token, expert) pairs:
 
 * ``gemv`` (decode): one program per pair and N block, no routing
   preprocessing (the pair list is ``topk_ids`` itself); products are
-  multiply-adds of bit planes of the codes with the matching activations
-  (``tiles.gemv_tile``) into float32 partial sums reduced once after the
-  loop; the down projection is split along K to fill the GPU.
+  multiply-adds of planes of the codes with the matching activations
+  (``tiles.gemv_tile``: codes read as 32-bit words, activations and the
+  intermediate ``h`` in float32) into float32 partial sums reduced once after
+  the loop; the down projection is split along K to fill the GPU.
 * ``dot`` (batches, prefill): pairs sorted by expert and padded to blocks of
   BM (as vLLM's ``moe_align_block_size``), tensor-core ``tl.dot`` on
   dequantized BF16/FP16 tiles.
@@ -39,7 +40,7 @@ import triton.language as tl
 
 from .dequant import tables
 from .experts import PackedExperts
-from .tiles import dequant_tile, gemv_tile, mma, round_to
+from .tiles import dequant_tile, gemv_tile, gemv_width, mma, round_to
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Variants compiled into one launch (more take further launches).
@@ -115,7 +116,8 @@ def _weight_ptrs(off_ptr, u8_ptr, f16_ptr, f32_ptr, row):
 @triton.jit
 def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb, ub, tab_ptr, n, n_ok,
              GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr,
-             UNROLL: tl.constexpr, USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+             UNROLL: tl.constexpr, USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+             EVEN_K: tl.constexpr):
     """gate and up products [BM, BN] (float32) of the block's tokens with one variant's weights."""
     GG: tl.constexpr = GSPEC // 256
     GU: tl.constexpr = USPEC // 256
@@ -127,8 +129,8 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, u
         acc_g = tl.zeros([BM, BN], tl.float32)
         acc_u = tl.zeros([BM, BN], tl.float32)
     else:
-        acc_g = tl.zeros([BN, BK // 8 if GSPEC // 4 % 16 == 3 else BK * (GSPEC // 4 % 16) // 8], tl.float32)
-        acc_u = tl.zeros([BN, BK // 8 if USPEC // 4 % 16 == 3 else BK * (USPEC // 4 % 16) // 8], tl.float32)
+        acc_g = tl.zeros([BN, gemv_width(GSPEC, BK)], tl.float32)
+        acc_u = tl.zeros([BN, gemv_width(USPEC, BK)], tl.float32)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
     if USE_DOT:
         for k0 in range(0, H, BK):
@@ -143,9 +145,9 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, u
         for k0 in range(0, H, BK * UNROLL):
             for r in tl.static_range(UNROLL):
                 acc_g = gemv_tile(acc_g, x_rows, valid[:, None], gq, gs, gz, gfa, gfb, gb, tab_ptr, n, n_ok,
-                                  k0 + r * BK, H, GSPEC, BK)
+                                  k0 + r * BK, H, GSPEC, BK, EVEN_K)
                 acc_u = gemv_tile(acc_u, x_rows, valid[:, None], uq, us, uz, ufa, ufb, ub, tab_ptr, n, n_ok,
-                                  k0 + r * BK, H, USPEC, BK)
+                                  k0 + r * BK, H, USPEC, BK, EVEN_K)
     if not USE_DOT:
         acc_g = tl.sum(acc_g, axis=1)[None, :]
         acc_u = tl.sum(acc_u, axis=1)[None, :]
@@ -155,7 +157,8 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, u
 @triton.jit
 def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
           SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr,
-          UNROLL: tl.constexpr, USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+          UNROLL: tl.constexpr, USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+          EVEN_K: tl.constexpr):
     """Down product [BM, BN] (float32) over columns [k_lo, k_hi) of the block's rows of ``h``."""
     G: tl.constexpr = SPEC // 256
     P: tl.constexpr = G & -G
@@ -163,7 +166,7 @@ def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_o
     if USE_DOT:
         acc = tl.zeros([BM, BN], tl.float32)
     else:
-        acc = tl.zeros([BN, BK // 8 if SPEC // 4 % 16 == 3 else BK * (SPEC // 4 % 16) // 8], tl.float32)
+        acc = tl.zeros([BN, gemv_width(SPEC, BK)], tl.float32)
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
     if USE_DOT:
         for k0 in range(k_lo, k_hi, BK):
@@ -176,7 +179,7 @@ def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_o
             for r in tl.static_range(UNROLL):
                 # K splits are multiples of the unrolled step, so no step crosses into the next split.
                 acc = gemv_tile(acc, h_rows, valid[:, None], q, s, z, fa, fb, b, tab_ptr, n, n_ok, k0 + r * BK, I,
-                                SPEC, BK)
+                                SPEC, BK, EVEN_K)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[None, :]
     return acc
@@ -205,7 +208,7 @@ def _moe_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, 
                    G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                    NUM_V: tl.constexpr, TOPK: tl.constexpr, SORTED: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr, UNROLL: tl.constexpr,
-                   USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                   USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, EVEN_H: tl.constexpr):
     pid_m = tl.program_id(0)
     e, v, slot, aid, valid, tok = _block_rows(ids_ptr, blk_ptr, var_ptr, 0, pid_m, A, VBASE, NUM_V, TOPK, SORTED, BM)
     if v < 0:
@@ -218,22 +221,26 @@ def _moe_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, 
     acc_u = tl.zeros([BM, BN], tl.float32)
     if v == 0:
         acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb, ub,
-                                tab_ptr, n, n_ok, G0, U0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                                tab_ptr, n, n_ok, G0, U0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_H)
     if NUM_V > 1:
         if v == 1:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb,
-                                    ub, tab_ptr, n, n_ok, G1, U1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                                    ub, tab_ptr, n, n_ok, G1, U1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
+                                    EVEN_H)
     if NUM_V > 2:
         if v == 2:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb,
-                                    ub, tab_ptr, n, n_ok, G2, U2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                                    ub, tab_ptr, n, n_ok, G2, U2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
+                                    EVEN_H)
     if NUM_V > 3:
         if v == 3:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb,
-                                    ub, tab_ptr, n, n_ok, G3, U3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                                    ub, tab_ptr, n, n_ok, G3, U3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
+                                    EVEN_H)
     hval = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(h_ptr + slot.to(tl.int64)[:, None] * I + n[None, :], round_to(hval, ACT_BF16, INTERPRET),
-             mask=valid[:, None] & n_ok[None, :])
+    if USE_DOT:  # the tensor-core down product reads h in the activation dtype; gemv reads float32
+        hval = round_to(hval, ACT_BF16, INTERPRET)
+    tl.store(h_ptr + slot.to(tl.int64)[:, None] * I + n[None, :], hval, mask=valid[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -242,7 +249,7 @@ def _moe_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, f16_ptr,
                      D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                      NUM_V: tl.constexpr, TOPK: tl.constexpr, SORTED: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr, UNROLL: tl.constexpr,
-                     USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                     USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, EVEN_I: tl.constexpr):
     pid_m = tl.program_id(0)
     e, v, slot, aid, valid, tok = _block_rows(ids_ptr, blk_ptr, var_ptr, E, pid_m, A, VBASE, NUM_V, TOPK, SORTED, BM)
     if v < 0:
@@ -255,19 +262,19 @@ def _moe_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, f16_ptr,
     acc = tl.zeros([BM, BN], tl.float32)
     if v == 0:
         acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                    D0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                    D0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
     if NUM_V > 1:
         if v == 1:
             acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                        D1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                        D1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
     if NUM_V > 2:
         if v == 2:
             acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                        D2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                        D2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
     if NUM_V > 3:
         if v == 3:
             acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                        D3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET)
+                        D3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     tl.atomic_add(out_ptr + tok.to(tl.int64)[:, None] * H + n[None, :], acc * wt[:, None],
                   mask=valid[:, None] & n_ok[None, :])
@@ -352,21 +359,23 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     if t == 0:
         return hidden.new_empty(0, hid)
     cfg = config or choose_config(pairs, experts, _num_sms(hidden.device))
-    x = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    gemv = cfg.mode == "gemv"
+    # gemv reads each activation once per code plane: float32 spares a conversion per read
+    x = hidden.float() if gemv else hidden if hidden.stride(1) == 1 else hidden.contiguous()
     flat_ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    if cfg.mode == "gemv":
+    if gemv:
         if cfg.block_m != 1:
             raise ValueError("the gemv path takes one (token, expert) pair per program: block_m must be 1")
         ids, blk, n_blocks = flat_ids, flat_ids, pairs
     else:
         ids, blk, n_blocks = align_pairs(flat_ids, experts.num_experts, cfg.block_m)
     inter = experts.intermediate
-    h = torch.empty(n_blocks * cfg.block_m, inter, dtype=hidden.dtype, device=hidden.device)
+    h = torch.empty(n_blocks * cfg.block_m, inter, dtype=torch.float32 if gemv else hidden.dtype, device=hidden.device)
     out = torch.zeros(t, hid, dtype=torch.float32, device=hidden.device)
     tab = tables(hidden.device)
     common = dict(TOPK=topk, SORTED=cfg.mode == "dot", BM=cfg.block_m, BK_MAX=cfg.block_k, UNROLL=cfg.unroll,
-                  USE_DOT=cfg.mode == "dot", ACT_BF16=hidden.dtype == torch.bfloat16, INTERPRET=INTERPRET,
+                  USE_DOT=not gemv, ACT_BF16=hidden.dtype == torch.bfloat16, INTERPRET=INTERPRET,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     store = (experts.offsets, experts.u8, experts.f16, experts.f32, tab)
     e = experts.num_experts
@@ -377,14 +386,14 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
         grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n))
         _moe_up_kernel[grid](x, x.stride(0), ids, blk, experts.variant, *store, h, pairs, hid, inter, e, base,
-                             NUM_V=len(chunk), BN=cfg.up_block_n, **specs_kw, **common)
+                             NUM_V=len(chunk), BN=cfg.up_block_n, EVEN_H=hid % cfg.block_k == 0, **specs_kw, **common)
     k_chunk = triton.cdiv(triton.cdiv(inter, cfg.split_k), k_step(cfg)) * k_step(cfg)
     for base in range(0, len(experts.down_variants), per_launch):
         chunk = experts.down_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
         grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(inter, k_chunk))
         _moe_down_kernel[grid](h, ids, blk, experts.variant, *store, weights, out, pairs, hid, inter, e, base,
-                               k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n,
+                               k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n, EVEN_I=inter % cfg.block_k == 0,
                                **{f"D{i}": code for i, code in enumerate(padded)}, **common)
     return out.to(hidden.dtype)
 

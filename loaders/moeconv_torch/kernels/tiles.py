@@ -1,7 +1,8 @@
 """Triton device functions shared by the kernels: unpack codes, dequantize a tile, round, multiply.
 
-Every kernel reads weights through ``dequant_tile``, so the packing rules of
-format v1 (spec/FORMAT.md) live in this one file:
+Every kernel reads weights through ``dequant_tile`` (dequantization, tensor-core
+products) or ``gemv_tile`` (decode), so the packing rules of format v1
+(spec/FORMAT.md) live in this one file:
 
 * int family: an LSB-first bit stream per row, one fp16 scale (and zero) per group;
 * nf4/fp4: two codes per byte, first element in the HIGH nibble, a float32
@@ -12,9 +13,11 @@ format v1 (spec/FORMAT.md) live in this one file:
 
 A tile never crosses a quantization group (its K width divides the group
 size), so the scale of a tile is one value per row: loaded once, broadcast.
-Codes are unpacked from whole bytes with shifts and put back in natural K
-order with ``tl.interleave``, so packed bytes are read with wide, coalesced
-loads and activations keep their plain row-major layout.
+``dequant_tile`` unpacks codes from whole bytes with shifts and puts them back
+in natural K order with ``tl.interleave``, so packed bytes are read with wide,
+coalesced loads and activations keep their plain row-major layout;
+``gemv_tile`` never reorders codes: it multiplies each plane of codes by the
+activations at the matching K offsets.
 """
 
 import os
@@ -26,6 +29,7 @@ from . import specs
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 TAB_DMAP = tl.constexpr(specs.TAB_DMAP)
+TAB_PAIRS = tl.constexpr(specs.TAB_PAIRS)
 
 
 @triton.jit
@@ -43,6 +47,17 @@ def lookup(ptrs):
         v = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
                                       is_pure=True, pack=1)
     return v
+
+
+@triton.jit
+def lookup_pair(ptrs):
+    """Two consecutive float32 table entries per element (8-byte aligned), read as one, like ``lookup``."""
+    if INTERPRET:
+        first, second = tl.load(ptrs), tl.load(ptrs + 1)
+    else:
+        first, second = tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l", [ptrs],
+                                                  dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    return first, second
 
 
 @triton.jit
@@ -156,47 +171,154 @@ def _packs3(q_ptr, byte0, ok, BK: tl.constexpr):
 
 
 @triton.jit
-def _x_plane(x_row, x_ok, k0, K, I: tl.constexpr, P: tl.constexpr, BK: tl.constexpr):
-    """Activations at K offsets k0 + P*j + I (j < BK/P) as float32 [1, BK/P]."""
+def _x_plane(x_row, x_ok, k0, K, I: tl.constexpr, P: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations at K offsets k0 + P*j + I (j < BK/P) as float32 [1, BK/P].
+
+    With ``EVEN_K`` (K a multiple of the tile width) a tile lies wholly before
+    or wholly past K, so one predicate per tile replaces a compare per element.
+    """
     kk = k0 + P * tl.arange(0, BK // P)[None, :] + I
-    return tl.load(x_row + kk, mask=x_ok & (kk < K), other=0.0).to(tl.float32)
+    if EVEN_K:
+        x = tl.load(x_row + kk, mask=x_ok & (kk * 0 + k0 < K), other=0.0)  # constant along K: one predicate
+    else:
+        x = tl.load(x_row + kk, mask=x_ok & (kk < K), other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.constexpr_function
+def gemv_width(spec, bk):
+    """Columns of a ``gemv_tile`` accumulator for a weight of spec code ``spec`` read in K tiles of ``bk``."""
+    bits = spec // 4 % 16
+    if _word_tiles(spec, bk):
+        return bk // 32 if bits == 3 else bk * bits // 32
+    return bk // 8  # 3-bit packs of 8 codes
+
+
+@triton.constexpr_function
+def _word_tiles(spec, bk):
+    """Whether a tile is read as little-endian 32-bit words: rows and tiles word-aligned.
+
+    Int codes of every width qualify, and the 4-bit table codes (nf4, fp4,
+    mxfp4), whose fused layout has whole blocks per row.
+    """
+    bits, group = spec // 4 % 16, spec // 256
+    return group * bits % 32 == 0 and bk * bits % 32 == 0
+
+
+@triton.jit
+def _field(w, P: tl.constexpr, N: tl.constexpr, AT: tl.constexpr):
+    """Bits [P, P + N) of int32 ``w`` moved to bits [AT, AT + N), all other bits zero."""
+    MASK: tl.constexpr = ((1 << N) - 1) << AT
+    if P <= AT:
+        f = (w << (AT - P)) & MASK
+    else:
+        f = (w >> (P - AT)) & MASK
+    return f
+
+
+@triton.jit
+def _unit_code(w0, w1, w2, I: tl.constexpr, B: tl.constexpr):
+    """``1 + c / 2^B`` (float32) for code I of each word (B = 2, 4, 8) or of each 3-word, 32-code pack (B = 3).
+
+    The code's bits become the top of a float32 mantissa under the exponent
+    of 1.0, so no integer-to-float conversion is issued (a quarter-rate
+    instruction on Hopper).  A 3-bit code may straddle two words; it is
+    assembled from both.
+    """
+    TOP: tl.constexpr = 23 - B
+    P: tl.constexpr = B * I
+    if B != 3 or P + 3 <= 32:
+        f = _field(w0, P, B, TOP)
+    elif P < 32:
+        f = _field(w0, P, 32 - P, TOP) | _field(w1, 0, P + 3 - 32, TOP + 32 - P)
+    elif P + 3 <= 64:
+        f = _field(w1, P - 32, B, TOP)
+    elif P < 64:
+        f = _field(w1, P - 32, 64 - P, TOP) | _field(w2, 0, P + 3 - 64, TOP + 64 - P)
+    else:
+        f = _field(w2, P - 64, B, TOP)
+    return (f | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, rows, k0, K, ok, row_words,
+                FAM: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """``gemv_tile`` for tiles read as 32-bit words.
+
+    Code plane i of the words (code i of each word; of each 3-word pack for
+    3-bit) meets the activations at K offsets k0 + i, k0 + i + 32/B, ...  The
+    planes are summed unscaled, one FMA per code, and the tile's scale is
+    applied once per word column: table codes (looked up a byte, two codes,
+    at a time) give ``s * sum T[c] x``; int codes, read as ``v = 1 + c/2^B``,
+    give ``s 2^B sum v x - s (2^B + z) sum x`` = ``s sum (c - z) x``.
+    """
+    words = q_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * row_words + k0 * BITS // 32
+    if BITS == 3:
+        j = 3 * tl.arange(0, BK // 32)[None, :]
+        w0 = tl.load(words + j, mask=ok, other=0)
+        w1 = tl.load(words + j + 1, mask=ok, other=0)
+        w2 = tl.load(words + j + 2, mask=ok, other=0)
+        x = _x_plane(x_row, x_ok, k0, K, 0, 32, BK, EVEN_K)
+        part = _unit_code(w0, w1, w2, 0, 3) * x
+        xsum = x
+        for i in tl.static_range(1, 32):
+            x = _x_plane(x_row, x_ok, k0, K, i, 32, BK, EVEN_K)
+            part = tl.fma(_unit_code(w0, w1, w2, i, 3), x, part)
+            xsum += x
+    elif FAM == 0:
+        PER_WORD: tl.constexpr = 32 // BITS
+        w0 = tl.load(words + tl.arange(0, BK // PER_WORD)[None, :], mask=ok, other=0)
+        x = _x_plane(x_row, x_ok, k0, K, 0, PER_WORD, BK, EVEN_K)
+        part = _unit_code(w0, w0, w0, 0, BITS) * x
+        xsum = x
+        for i in tl.static_range(1, PER_WORD):
+            x = _x_plane(x_row, x_ok, k0, K, i, PER_WORD, BK, EVEN_K)
+            part = tl.fma(_unit_code(w0, w0, w0, i, BITS), x, part)
+            xsum += x
+    else:  # 4-bit table codes: one byte-pair read per two codes
+        w0 = tl.load(words + tl.arange(0, BK // 8)[None, :], mask=ok, other=0)
+        part = tl.zeros(w0.shape, tl.float32)
+        for b in tl.static_range(4):
+            first, second = lookup_pair(tab_ptr + TAB_PAIRS + 512 * (FAM - 1) + 2 * ((w0 >> (8 * b)) & 255))
+            part = tl.fma(first, _x_plane(x_row, x_ok, k0, K, 2 * b, 8, BK, EVEN_K), part)
+            part = tl.fma(second, _x_plane(x_row, x_ok, k0, K, 2 * b + 1, 8, BK, EVEN_K), part)
+    if FAM == 0:
+        span = 1 << BITS
+        acc = tl.fma(part, s * span, acc)
+        acc = tl.fma(xsum, -s * (span + z), acc)
+    else:
+        acc = tl.fma(part, s, acc)
+    return acc
 
 
 @triton.jit
 def gemv_tile(acc, x_row, x_ok, q_ptr, s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0, K,
-              SPEC: tl.constexpr, BK: tl.constexpr):
-    """acc + W[rows, k0:k0+BK] * x[k0:k0+BK], kept as partial sums [rows, BK/P] (P codes per byte; 8 for 3-bit).
+              SPEC: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + W[rows, k0:k0+BK] * x[k0:k0+BK], kept as partial sums [rows, gemv_width(SPEC, BK)].
 
-    The decode path: each bit plane of the codes is multiplied by the
-    activations at the same K offsets (``x_row`` is a [1, 1] pointer to one
-    token's row), so no tile is ever interleaved or moved between layouts.
-    A tile at or past the row end (an unrolled step overshooting K) adds and
-    reads nothing.  Reduce ``acc`` over its second axis after the K loop.
+    The decode path: each plane of codes (the codes at one position of every
+    word, or of every byte) is multiplied by the activations at the same K
+    offsets (``x_row`` is a [1, 1] pointer to one token's row, float32 in
+    ``fused_moe``, so it is read without conversion), so no tile is
+    ever interleaved or moved between layouts.  Tiles are read as 32-bit
+    words (``_words_tile``) except 3-bit codes in groups of other than a
+    multiple of 32, read as 3-byte packs.  A tile at or past the row end (an
+    unrolled step overshooting K) adds and reads nothing.  Reduce ``acc`` over
+    its second axis after the K loop.
     """
     FAM: tl.constexpr = SPEC % 4
     BITS: tl.constexpr = SPEC // 4 % 16
+    GS: tl.constexpr = SPEC // 256
     live = row_ok & (rows * 0 + k0 < K)  # a tensor comparison: stays a boolean mask
     byte0, s, z = _tile_params(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, live, k0, K, SPEC)
     ok = live[:, None]
-    if BITS == 8:
-        p = tl.load(q_ptr + byte0 + tl.arange(0, BK)[None, :], mask=ok, other=0).to(tl.int32)
-        acc += _value(p, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, 0, 1, BK)
-    elif BITS == 4:
-        p = tl.load(q_ptr + byte0 + tl.arange(0, BK // 2)[None, :], mask=ok, other=0).to(tl.int32)
-        if FAM == 1 or FAM == 2:
-            first, second = p >> 4, p & 15
-        else:
-            first, second = p & 15, p >> 4
-        acc += _value(first, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, 0, 2, BK)
-        acc += _value(second, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, 1, 2, BK)
-    elif BITS == 2:
-        p = tl.load(q_ptr + byte0 + tl.arange(0, BK // 4)[None, :], mask=ok, other=0).to(tl.int32)
-        for i in tl.static_range(4):
-            acc += _value((p >> (2 * i)) & 3, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, i, 4, BK)
-    else:
+    if _word_tiles(SPEC, BK):
+        acc = _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, rows, k0, K, ok,
+                          tl.cdiv(K, GS) * (GS * BITS // 32), FAM, BITS, BK, EVEN_K)
+    else:  # 3-bit codes in groups that are not whole words: 8-code, 3-byte packs
         v = _packs3(q_ptr, byte0, ok, BK)
         for i in tl.static_range(8):
-            acc += _value((v >> (3 * i)) & 7, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, i, 8, BK)
+            acc += _value((v >> (3 * i)) & 7, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, i, 8, BK, EVEN_K)
     return acc
 
 
