@@ -9,8 +9,8 @@ import tiny_models as tm
 
 from moeconv.alloc import plan_allocation
 from moeconv.alloc.budget import cost_matrix
-from moeconv.alloc.calibration import RoutedSample, measure
-from moeconv.alloc.sensitivity import activation, expert_forward, layer_damages
+from moeconv.alloc.calibration import CalibrationStats, RoutedSample, measure
+from moeconv.alloc.sensitivity import activation, expected_tokens, expert_forward, layer_damages
 from moeconv.alloc.source import open_source
 from moeconv.quant import QuantSpec, dequantize, quantize
 
@@ -49,6 +49,16 @@ def test_layer_damages_follow_the_definition():
     assert damages[0, 0] > damages[0, 1] > damages[0, 2] > damages[0, 3]  # more bits, less damage
     gptq = layer_damages(weights, samples, CANDIDATES[:2], act, method="gptq")
     assert gptq.shape == (2, 2) and (gptq[0] > 0).all()
+
+
+def test_expected_tokens_average_routed_and_mass_counts():
+    # layer 0: 100 routed slots, mass 50 -> mass-based counts 60 and 40; layer 1 has no mass: routed counts only
+    stats = CalibrationStats(tokens={(0, 0): 10.0, (0, 1): 90.0, (1, 0): 4.0, (1, 1): 0.0},
+                             mass={(0, 0): 30.0, (0, 1): 20.0, (1, 0): 0.0, (1, 1): 0.0})
+    counts = expected_tokens(stats, sorted(stats.tokens))
+    assert counts == {(0, 0): pytest.approx(35.0), (0, 1): pytest.approx(65.0), (1, 0): pytest.approx(4.0), (1, 1): 0.0}
+    # a layer's expected counts add up to its routed slots
+    assert counts[(0, 0)] + counts[(0, 1)] == pytest.approx(100.0)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +117,31 @@ def test_frequency_order_from_routed_counts(tiny):
         high = [e for e, c in counts.items() if plan.by_expert[(layer, e)].scheme == "int4"]
         low = [e for e, c in counts.items() if plan.by_expert[(layer, e)].scheme == "int2"]
         assert len(high) == len(low) == 2 and min(counts[e] for e in high) >= max(counts[e] for e in low)
+
+
+def test_damages_scale_to_expected_tokens_and_move_bits_to_likely_experts(tiny):
+    path, model, ids = tiny
+    stats = measure(model, ids, loss_weighted=True, batch_size=2)
+    source = open_source(path)
+    keys = [(e.layer, e.expert) for e in source.experts]
+    label = f"damage[{CANDIDATES[1].scheme}/g32]"
+
+    def plan():
+        stats.damages.clear()
+        return plan_allocation(source, avg_bits=4.5, alloc="sensitivity", calib_stats=stats, candidates=CANDIDATES, device="cpu")
+
+    before = plan()
+    damage = {(c.layer, c.expert): c.signals[label] for c in before.choices}
+    counts = expected_tokens(stats, keys)
+    bits = {(c.layer, c.expert): int(c.spec.scheme[3:]) for c in before.choices}
+    # the expert given the fewest bits (ties: the least damaged) becomes the one the router expects most tokens on
+    low = min((k for k in keys if stats.tokens[k] > 0), key=lambda k: (bits[k], damage[k]))
+    layer = [k for k in keys if k[0] == low[0]]
+    stats.mass[low] = 100.0 * sum(stats.mass[k] for k in layer)
+    after = plan()
+    moved = {(c.layer, c.expert): c.signals[label] for c in after.choices}
+    new_counts = expected_tokens(stats, keys)
+    assert new_counts[low] > 2 * counts[low]
+    # damage is the routed-sample damage scaled to the expected count: it moves with the count, the sample is the same
+    assert moved[low] == pytest.approx(damage[low] * new_counts[low] / counts[low], rel=1e-6)
+    assert int(after.by_expert[low].scheme[3:]) > bits[low]

@@ -10,7 +10,8 @@ import torch
 import tiny_models as tm
 
 from moeconv.calib import CalibConfig, iterate_moe_layers, quantize_moe
-from moeconv.calib.gptq import clipped_params, diagonal_blocks, gptq_quantize, group_error, hessian_error, int_rtn
+from moeconv.calib.gptq import (clipped_params, diagonal_blocks, gptq_quantize, group_error, hessian_error,
+                                hessian_factor, int_rtn)
 from moeconv.quant import QuantSpec, dequantize, quantize
 from moeconv.quant.intq import group_params, quantize_codes
 from moeconv_numpy.schemes import tensor_layout
@@ -176,3 +177,18 @@ def test_gptq_beats_rtn_on_held_out_activations_of_a_real_layer():
         gptq = hessian_error(w, gptq_quantize(w, h_fit[trusted], spec, clip=True).dequantize(), h_test[trusted])
         rtn = hessian_error(w, int_rtn(w, spec).dequantize(), h_test[trusted])
         assert torch.all(gptq < 0.9 * rtn), (gptq / rtn).tolist()
+
+
+def test_precomputed_factor_gives_the_same_codes():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 16, 64, generator=gen)
+    x = torch.randn(3, 200, 64, generator=gen)
+    x[0, :, 5] = 0  # a dead input channel
+    h = x.transpose(-1, -2) @ x
+    factor = hessian_factor(h)
+    for spec in (QuantSpec("int2", 32), QuantSpec("int4", 64)):
+        want = gptq_quantize(w, h, spec)
+        got = gptq_quantize(w, h, spec, factor=factor)
+        assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+    with pytest.raises(ValueError, match="act_order"):
+        gptq_quantize(w, h, QuantSpec("int4", 64), factor=factor, act_order=True)

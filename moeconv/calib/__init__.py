@@ -30,12 +30,12 @@ from moeconv.quant import QuantSpec, dequantize, quantize
 
 from .awq import fake_quantize, fold_input_scale, search_clip, search_expert_scales, search_layer_scale
 from .capture import ARCHS, CalibLayer, LayerStats, MoEArch, arch_for, calibration_ids, iterate_moe_layers
-from .gptq import IntQuantized, gptq_quantize, hessian_error, int_spec
+from .gptq import IntQuantized, gptq_quantize, hessian_error, hessian_factor, int_spec
 
 __all__ = [
     "CalibConfig", "CalibResult", "RoutingStats", "quantize_moe", "calibrate_checkpoint", "calibration_ids",
     "iterate_moe_layers",
-    "MoEArch", "ARCHS", "arch_for", "LayerStats", "gptq_quantize", "IntQuantized", "hessian_error",
+    "MoEArch", "ARCHS", "arch_for", "LayerStats", "gptq_quantize", "hessian_factor", "IntQuantized", "hessian_error",
 ]
 
 PROJS = ("gate", "up", "down")

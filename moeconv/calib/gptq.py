@@ -200,6 +200,25 @@ def _upper_inverse_cholesky(h: torch.Tensor, percdamp: float, names: list[str]) 
     return upper
 
 
+def _live_hessian(hessian: torch.Tensor) -> torch.Tensor:
+    """A float32 ``[n, cols, cols]`` copy whose dead input channels (diagonal <= 0) have a diagonal of 1."""
+    h = hessian.to(torch.float32).reshape(-1, *hessian.shape[-2:]).clone()
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag.masked_fill_(diag <= 0, 1.0)  # dead input channels: no information, no error feedback through them
+    return h
+
+
+def hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, names: list[str] | None = None) -> torch.Tensor:
+    """The factor GPTQ derives from ``hessian`` (``U^T U = (H + damp I)^-1``, float32 ``[n, cols, cols]``).
+
+    It depends on the Hessian alone, so callers that run GPTQ with several
+    specs on one Hessian (the sensitivity allocator) compute it once and pass
+    it as ``gptq_quantize(..., factor=...)``.
+    """
+    h = _live_hessian(hessian)
+    return _upper_inverse_cholesky(h, percdamp, names or [f"matrix {i}" for i in range(h.shape[0])]).float()
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -210,26 +229,30 @@ def gptq_quantize(
     block_size: int = 128,
     clip: bool = False,
     names: list[str] | None = None,
+    factor: torch.Tensor | None = None,
 ) -> IntQuantized:
     """GPTQ of ``weight`` ``[rows, cols]`` / ``[n, rows, cols]``, ``hessian`` ``[cols, cols]`` / ``[n, cols, cols]``.
 
     ``hessian`` is ``sum x x^T`` over the calibration inputs of each matrix (any
     positive scale: damping is relative).  ``clip`` chooses each group's range
     by :func:`clipped_params` instead of the plain min/max.  ``names`` label
-    the stack's matrices in warnings.  Runs on the weight's device.
+    the stack's matrices in warnings.  ``factor`` is :func:`hessian_factor` of
+    the same Hessian and ``percdamp``, computed once for several calls (not
+    with ``act_order``, which permutes the Hessian).  Runs on the weight's device.
     """
     bits, symmetric, g = int_spec(spec)
     single = weight.dim() == 2
     w = weight.float().clone().reshape(-1, *weight.shape[-2:])
-    h = hessian.to(w.device, torch.float32).reshape(-1, *hessian.shape[-2:]).clone()
+    h = _live_hessian(hessian.to(w.device))
     n, rows, cols = w.shape
     if h.shape != (n, cols, cols):
         raise ValueError(f"GPTQ: Hessian shape {list(hessian.shape)} does not fit weight shape {list(weight.shape)}")
     if not torch.isfinite(w).all() or not torch.isfinite(h).all():
         raise ValueError(f"GPTQ: NaN/Inf in the weight or Hessian of {names or 'the stack'}")
+    if factor is not None and (act_order or factor.shape != h.shape):
+        raise ValueError("GPTQ: a precomputed factor needs act_order=False and the Hessian's shape")
     names = names or [f"matrix {i}" for i in range(n)]
     diag = h.diagonal(dim1=-2, dim2=-1)
-    diag.masked_fill_(diag <= 0, 1.0)  # dead input channels: no information, no error feedback through them
     n_groups = math.ceil(cols / g)
     static = act_order
     if static and clip:
@@ -245,7 +268,7 @@ def gptq_quantize(
         w = w.gather(-1, perm[:, None, :].expand(-1, rows, -1))
         h = h.gather(-1, perm[:, None, :].expand(-1, cols, -1)).gather(-2, perm[:, :, None].expand(-1, -1, cols))
         column_group = perm // g
-    upper = _upper_inverse_cholesky(h, percdamp, names).float()
+    upper = factor.to(w.device, torch.float32) if factor is not None else _upper_inverse_cholesky(h, percdamp, names).float()
 
     codes = torch.zeros(n, rows, n_groups * g, dtype=torch.uint8, device=w.device)
     step = g * max(1, block_size // g)  # blocks hold whole groups, so a group's parameters see updated columns
