@@ -151,6 +151,14 @@ def test_out_not_empty_is_left_alone(src, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def test_out_that_cannot_be_created_names_the_path(src, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    line = fails("convert", src, blocker / "out")
+    assert str(blocker / "out") in line and "Not a directory" in line
+    assert blocker.read_text() == "not a directory"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scheme", "int5"], "unknown scheme"),
     (["--scheme", "nf4", "--group-size", "48"], "block size"),

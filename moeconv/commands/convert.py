@@ -125,6 +125,8 @@ def command(ctx: click.Context, src: str, out: Path, revision, scheme, group_siz
         result = _run(conv, out, quantizer, workers or default_workers(), device, alloc_plan, push_to_hub)
     except (SourceError, AdapterError, ConvertError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:  # e.g. OUT under a file, no permission; a partial run stays resumable
+        raise click.ClickException(os_error_line(exc)) from None
     seconds = time.monotonic() - started
     click.echo(
         f"wrote {out} ({result.out_bytes / 1e6:,.1f} MB from {result.source_bytes / 1e6:,.1f} MB in {seconds:,.1f} s"
@@ -134,6 +136,12 @@ def command(ctx: click.Context, src: str, out: Path, revision, scheme, group_siz
         upload_folder = _hook("moeconv.hub", "upload_folder", "--push-to-hub")
         done = _fail_as_click(lambda: upload_folder(out, push_to_hub))
         click.echo(f"uploaded to {done.repo_id} ({done.commit_url})")
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error, naming the path it concerns."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 def _digest(path: Path) -> str:

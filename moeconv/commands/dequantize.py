@@ -115,11 +115,13 @@ def command(out: Path, dst: Path, max_shard_size: str) -> None:
     conversion or to feed tools that cannot read the format.
     """
     from moeconv.adapters import AdapterError
-    from moeconv.commands.convert import parse_size
+    from moeconv.commands.convert import os_error_line, parse_size
     from moeconv_numpy import FormatError
 
     try:
         dequantize_model(out, dst, parse_size(max_shard_size))
     except (FormatError, AdapterError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error_line(exc)) from None
     click.echo(f"wrote {dst}")
