@@ -12,12 +12,13 @@ tokens after a 32-token prompt with a static KV cache:
 * each scheme: ``moeconv_torch.load_model(converted, device="cuda")`` (the
   experts stay packed and run through the fused Triton MoE kernel).
 
-Each decode step is one forward of one token (eager PyTorch, and the same
-step replayed from a CUDA graph, which removes Python and launch overhead
-and so shows what the kernels themselves give).  Tokens/s = steps / seconds,
-median of ``--repeats``.  Each model is measured in its own process, so a
-CUDA error in one leaves the others' figures intact.  The JSON records
-device and versions.
+Each decode step is one forward of one token in eager PyTorch; the script
+also tries the same step replayed from a CUDA graph (no Python or launch
+overhead).  Tokens/s = steps / seconds, median of ``--repeats``.  Each model
+is measured in its own process, so a CUDA error in one leaves the others'
+figures intact.  The JSON records device and versions.  On the H100 with
+transformers 5.17 the graph capture failed with a device-side assert for
+every model, the BF16 one included, so the committed figures are eager.
 """
 
 from __future__ import annotations
