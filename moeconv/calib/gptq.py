@@ -9,7 +9,7 @@ of all experts of a layer) with batched linear algebra; the only Python loop is 
 
 The result is exactly the format's int tensors: group scales and zero points
 come from :func:`moeconv.quant.intq.group_params`, codes from
-``quantize_codes`` and bytes from ``pack_codes``, and the error feedback uses
+``float_codes`` (``quantize_codes`` without the uint8 round trip) and bytes from ``pack_codes``, and the error feedback uses
 the format's float32 dequantization formula, so ``dequantize(parts)`` is the
 very matrix GPTQ optimized against.  Without act-order the group parameters of
 a group are computed when the sweep reaches its first column, from the
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from moeconv.quant import QuantSpec
-from moeconv.quant.intq import group_params, pack_codes, quantize_codes
+from moeconv.quant.intq import float_codes, group_params, pack_codes
 from moeconv_numpy.schemes import scheme_info
 
 __all__ = [
@@ -109,12 +109,13 @@ def _static_params(w: torch.Tensor, bits: int, symmetric: bool, g: int) -> tuple
 
 
 def _fake(w: torch.Tensor, scale, zero, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, dequantized float32) of ``w`` with broadcastable group parameters: ``(c - z) * s``.
+    """(codes, dequantized float32) of ``w`` with group parameters broadcastable to it: ``(c - z) * s``.
 
     ``group_params`` returns ``z = 2^(b-1)`` for symmetric schemes, so one formula serves both.
+    The codes are integer-valued float32 (exact in uint8 storage).
     """
-    codes = quantize_codes(w, scale, zero, bits, symmetric)
-    return codes, (codes.float() - zero) * scale
+    codes = float_codes(w, scale, zero, bits, symmetric)
+    return codes, (codes - zero) * scale
 
 
 #: Range shrink factors tried by the clipping search; 1.0 is the plain min/max rule of round-to-nearest.
@@ -163,7 +164,7 @@ def int_rtn(weight: torch.Tensor, spec: QuantSpec) -> IntQuantized:
     scale, zero = _static_params(w, bits, symmetric, g)
     padded = torch.nn.functional.pad(w, (0, -w.shape[-1] % g))
     codes, _ = _fake(padded.reshape(*scale.shape, g), scale[..., None], zero[..., None], bits, symmetric)
-    codes = codes.reshape(padded.shape)
+    codes = codes.reshape(padded.shape).to(torch.uint8)
     codes[..., w.shape[-1]:] = 0
     return IntQuantized(codes, scale, None if symmetric else zero, spec, w.shape[-1])
 

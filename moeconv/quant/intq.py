@@ -28,6 +28,7 @@ from .chunks import chunk_elements, for_each_chunk
 __all__ = [
     "group_params",
     "quantize_codes",
+    "float_codes",
     "pack_codes",
     "unpack_codes",
     "quantize_int",
@@ -109,8 +110,19 @@ def quantize_codes(
     is then unused; it is always ``2^(b-1)``).  All in float32.
     """
     out = torch.broadcast_to(w, torch.broadcast_shapes(w.shape, scale.shape, zero.shape))
-    out = out.to(torch.float32, copy=True)
-    return _codes_inplace(out, scale.float(), zero.float(), bits, symmetric).to(torch.uint8)
+    return float_codes(out, scale.float(), zero.float(), bits, symmetric).to(torch.uint8)
+
+
+def float_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """:func:`quantize_codes` as a new integer-valued float32 tensor shaped like ``w``.
+
+    For callers that go on computing with the codes (GPTQ's column loop): no
+    broadcast to a common shape (``w`` must already have it) and no round
+    trip through uint8.
+    """
+    return _codes_inplace(w.to(torch.float32, copy=True), scale, zero, bits, symmetric)
 
 
 def _row_bytes(n_codes: int, bits: int) -> int:
