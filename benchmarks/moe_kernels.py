@@ -302,6 +302,29 @@ def with_split(cfg: kmoe.MoeConfig, pairs: int, n_sms: int) -> kmoe.MoeConfig:
     return dataclasses.replace(cfg, split_k=split)
 
 
+def sweep_configs(res, sets, names, configs, pairs, n_sms, run, figure, baseline_us, label) -> None:
+    """Time ``run(experts, config)`` for each swept config on each named expert set.
+
+    Every timing goes to ``res["sweep"]``; the fastest per set, with ``figure``
+    = ``baseline_us`` / its time, to ``res[f"{name}_best"]``.
+    """
+    res["sweep"] = []
+    for name in names:
+        experts, _ = sets[name]
+        for cfg in configs:
+            cfg = with_split(cfg, pairs, n_sms)
+            try:
+                us = run(experts, cfg)
+            except Exception as exc:  # e.g. out of shared memory for a large tile
+                res["sweep"].append({"set": name, "config": cfg.__dict__, "error": repr(exc)[:200]})
+                continue
+            res["sweep"].append({"set": name, "config": cfg.__dict__, "graph_us": us})
+            log(f"  sweep {label} {name:5s} {cfg} {us:9.1f} us")
+            best = res.setdefault(f"{name}_best", dict(res[name]) if "graph_us" in res.get(name, {}) else {})
+            if "graph_us" not in best or us < best["graph_us"]:
+                best.update(graph_us=us, config=cfg.__dict__, **{figure: baseline_us / us})
+
+
 def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms):
     out = {}
     for batch in (1, 16):
@@ -341,22 +364,11 @@ def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms):
                 except Exception as exc:
                     res[f"{name}_per_scheme_launches"] = {"error": repr(exc)[:300]}
         if sweep:
-            res["sweep"] = []
-            for name in ("int4", "nf4"):
-                experts, _ = sets[name]
-                for cfg in DECODE_SWEEP[batch]:
-                    cfg = with_split(cfg, batch * TOPK, n_sms)
-                    try:
-                        us = graph_ms([lambda x=x, i=i, w=w: kmoe.fused_moe(x, i, w, experts, cfg)
-                                       for x, i, w in zip(xs, ids, wts)]) * 1e3
-                    except Exception as exc:
-                        res["sweep"].append({"set": name, "config": cfg.__dict__, "error": repr(exc)[:200]})
-                        continue
-                    res["sweep"].append({"set": name, "config": cfg.__dict__, "graph_us": us})
-                    log(f"  sweep b={batch:2d} {name:5s} {cfg} {us:8.1f} us")
-                    best = res.setdefault(f"{name}_best", dict(res[name]) if "graph_us" in res.get(name, {}) else {})
-                    if "graph_us" not in best or us < best["graph_us"]:
-                        best.update(graph_us=us, config=cfg.__dict__, speedup_vs_bf16=res["bf16"]["graph_us"] / us)
+            def run(experts, cfg, xs=xs, ids=ids, wts=wts):
+                return graph_ms([lambda x=x, i=i, w=w: kmoe.fused_moe(x, i, w, experts, cfg)
+                                 for x, i, w in zip(xs, ids, wts)]) * 1e3
+            sweep_configs(res, sets, ("int4", "nf4"), DECODE_SWEEP[batch], batch * TOPK, n_sms, run,
+                          "speedup_vs_bf16", res["bf16"]["graph_us"], f"b={batch:2d}")
         out[f"batch_{batch}"] = res
     return out
 
@@ -395,21 +407,9 @@ def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048):
     res["check_int4_rel_err"] = check_against_bf16(sets["int4"][0], x, ids, wts, bf16)
     log(f"prefill check int4: relative error {res['check_int4_rel_err']:.2e} vs BF16 on dequantized weights")
     if sweep:
-        res["sweep"] = []
-        for name in ("int4",):
-            experts, _ = sets[name]
-            for cfg in PREFILL_SWEEP:
-                cfg = with_split(cfg, tokens * TOPK, n_sms)
-                try:
-                    us = graph_ms([lambda: kmoe.fused_moe(x, ids, wts, experts, cfg)]) * 1e3
-                except Exception as exc:  # e.g. out of shared memory for a large tile
-                    res["sweep"].append({"set": name, "config": cfg.__dict__, "error": repr(exc)[:200]})
-                    continue
-                res["sweep"].append({"set": name, "config": cfg.__dict__, "graph_us": us})
-                log(f"  sweep prefill {name:5s} {cfg} {us:9.1f} us")
-                best = res.setdefault(f"{name}_best", dict(res[name]) if "graph_us" in res.get(name, {}) else {})
-                if "graph_us" not in best or us < best["graph_us"]:
-                    best.update(graph_us=us, config=cfg.__dict__, throughput_vs_best_bf16=base / us)
+        sweep_configs(res, sets, ("int4",), PREFILL_SWEEP, tokens * TOPK, n_sms,
+                      lambda experts, cfg: graph_ms([lambda: kmoe.fused_moe(x, ids, wts, experts, cfg)]) * 1e3,
+                      "throughput_vs_best_bf16", base, "prefill")
     return res
 
 

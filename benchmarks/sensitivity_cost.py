@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from mixed_precision_sweep import DEFAULT_MODEL, EVAL_TOKENS, SEQ_LEN, load
+
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = ROOT.parent.parent / "shared" / "models" / "moe-tiny-mixtral"
 
 
 def timed(fn):
@@ -49,7 +50,7 @@ def main() -> int:
         print(f"{args.model} not found", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from moeconv.alloc import DEFAULT_CANDIDATES, plan_allocation
     from moeconv.alloc.calibration import measure
@@ -57,10 +58,8 @@ def main() -> int:
     from moeconv.calib import CalibConfig, calibration_ids, quantize_moe
     from moeconv.quant import QuantSpec
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    ids = calibration_ids(args.model / "eval.txt", AutoTokenizer.from_pretrained(args.model), 64, 512, 32768)
+    model, _ = load(args.model, torch.float32, "cpu")
+    ids = calibration_ids(args.model / "eval.txt", AutoTokenizer.from_pretrained(args.model), 64, SEQ_LEN, EVAL_TOKENS)
     source = open_source(args.model)
     stats, calib_s = timed(lambda: measure(model, ids, loss_weighted=True))
     int_candidates = [c for c in DEFAULT_CANDIDATES if c.scheme.startswith("int")]

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "GPU_CHUNK_ELEMENTS", "chunk_elements", "for_each_chunk"]
+__all__ = ["CHUNK_ELEMENTS", "GPU_CHUNK_ELEMENTS", "chunk_elements", "for_each_chunk", "padded_rows"]
 
 #: Elements per chunk on the CPU (2 MiB of float32): large enough to amortize
 #: op dispatch and GIL hand-offs between the pool's threads, small enough that
@@ -63,3 +63,17 @@ def for_each_chunk(total: int, chunk: int, device: torch.device, body: Callable[
             return [future.result() for future in futures]
     finally:
         torch.set_num_threads(threads)
+
+
+def padded_rows(weight: torch.Tensor, r0: int, r1: int, padded: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of a 2-D weight as a new float32 ``[r1 - r0, padded]`` buffer, zero past its columns.
+
+    The row-chunked quantizers work in place on this copy; zero padding to whole
+    groups changes no group's range, maximum or largest magnitude.
+    """
+    cols = weight.shape[1]
+    buf = torch.empty(r1 - r0, padded, dtype=torch.float32, device=weight.device)
+    buf[:, :cols].copy_(weight[r0:r1])
+    if padded != cols:
+        buf[:, cols:] = 0
+    return buf

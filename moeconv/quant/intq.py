@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .chunks import chunk_elements, for_each_chunk
+from .chunks import chunk_elements, for_each_chunk, padded_rows
 
 __all__ = [
     "group_params",
@@ -222,10 +222,7 @@ def quantize_int(
     zeros = None if symmetric else torch.empty(rows, n_groups, dtype=torch.float16, device=device)
 
     def rows_chunk(r0: int, r1: int) -> torch.Tensor:
-        buf = torch.empty(r1 - r0, padded, dtype=torch.float32, device=device)
-        buf[:, :cols].copy_(weight[r0:r1])
-        if padded != cols:
-            buf[:, cols:] = 0
+        buf = padded_rows(weight, r0, r1, padded)
         groups = buf.view(r1 - r0, n_groups, group_size)
         scale, zero = group_params(groups, bits, symmetric)
         _codes_inplace(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), bits, symmetric)

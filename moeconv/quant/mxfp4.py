@@ -22,7 +22,7 @@ import torch
 
 from moeconv_numpy.schemes import E2M1_VALUES, MX_BLOCK
 
-from .chunks import chunk_elements, for_each_chunk
+from .chunks import chunk_elements, for_each_chunk, padded_rows
 from .intq import pack_codes, unpack_codes
 from .lookup import Codebook
 
@@ -80,10 +80,7 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch
     codes_of = e2m1_codebook()
 
     def rows_chunk(r0: int, r1: int) -> torch.Tensor:
-        buf = torch.empty(r1 - r0, padded, dtype=torch.float32, device=device)
-        buf[:, :cols].copy_(weight[r0:r1])
-        if padded != cols:
-            buf[:, cols:] = 0
+        buf = padded_rows(weight, r0, r1, padded)
         blocks = buf.view(r1 - r0, n_blocks, MX_BLOCK)
         amax = torch.maximum(blocks.amax(dim=-1), blocks.amin(dim=-1).neg_()).abs_()
         e = ((amax.view(torch.int32) >> 23) - 2).clamp_(0, 254)

@@ -360,8 +360,10 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         return hidden.new_empty(0, hid)
     cfg = config or choose_config(pairs, experts, _num_sms(hidden.device))
     gemv = cfg.mode == "gemv"
-    # gemv reads each activation once per code plane: float32 spares a conversion per read
-    x = hidden.float() if gemv else hidden if hidden.stride(1) == 1 else hidden.contiguous()
+    if gemv:  # gemv reads each activation once per code plane: float32 spares a conversion per read
+        x = hidden.float()
+    else:
+        x = hidden if hidden.stride(1) == 1 else hidden.contiguous()
     flat_ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
     if gemv:
