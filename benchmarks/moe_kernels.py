@@ -12,7 +12,10 @@ Timing: CUDA events around CUDA-graph replays (each graph holds several calls
 on different inputs and routings, so launch gaps and cache reuse do not
 flatter anyone), median of repeats; eager timings are reported beside them.
 ``--sweep`` also times alternative tilings, which is how the defaults in
-``moeconv_torch.kernels`` were chosen.
+``moeconv_torch.kernels`` were chosen.  ``--parts``, ``--sets`` and
+``--batches`` narrow a run to some sections, expert sets and decode batch
+sizes (a full run with ``--sweep`` takes longer than one device command may);
+the ``targets`` summary needs a full run.
 """
 
 from __future__ import annotations
@@ -121,12 +124,20 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / ms / 1e9  # TB/s: bytes read + written
 
 
+def fill_bandwidth() -> float:
+    """TB/s of a write-only pass (``fill_``): dequantization writes 4x more bytes than it reads."""
+    dst = torch.empty(2**30, dtype=torch.uint8, device=DEV)
+    ms = events_ms(lambda: dst.fill_(1), reps=20)
+    return dst.numel() / ms / 1e9
+
+
 def bench_dequant(copy_bw, sweep, gen, bnb):
     shape = (I, H)
     out = {"shape": list(shape), "rows": [], "sweep": []}
-    tilings = [kdequant.DequantTiling(), kdequant.DequantTiling(4096, 4), kdequant.DequantTiling(16384, 8)]
+    tilings = [kdequant.DequantTiling(elems, warps, k_fastest) for k_fastest in (False, True)
+               for elems, warps in [(8192, 4), (4096, 4), (16384, 8)]]
     if sweep:
-        for scheme, gs, dq in [("int4", 64, False), ("int3", 64, False), ("nf4", 64, True)]:
+        for scheme, gs, dq in [("int4", 64, False), ("int3", 64, False), ("nf4", 64, True), ("int8", 64, False)]:
             parts = random_parts(scheme, shape, gs, dq, gen)
             moved = nbytes(parts) + 2 * I * H
             for tiling in tilings:
@@ -292,7 +303,10 @@ DECODE_SWEEP = {
     16: [kmoe.MoeConfig("dot", 16, 32, 32, 64, 0, 4, 3), kmoe.MoeConfig("dot", 16, 64, 64, 64, 0, 4, 4)],
 }
 PREFILL_SWEEP = [kmoe.MoeConfig("dot", bm, bn, bn, 64, 1, w, s)
-                 for bm, bn, w, s in [(128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]]
+                 for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
+                                      (256, 128, 8, 3), (128, 256, 8, 3)]]
+#: Sections a run can be limited to with ``--parts``.
+PARTS = ("dequant", "decode", "prefill")
 
 
 def with_split(cfg: kmoe.MoeConfig, pairs: int, n_sms: int) -> kmoe.MoeConfig:
@@ -325,9 +339,9 @@ def sweep_configs(res, sets, names, configs, pairs, n_sms, run, figure, baseline
                 best.update(graph_us=us, config=cfg.__dict__, **{figure: baseline_us / us})
 
 
-def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms):
+def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms, batches=(1, 16)):
     out = {}
-    for batch in (1, 16):
+    for batch in batches:
         xs, ids, wts = routings(batch, 4, gen)
         plans = [Bf16Layer.plan(i, w) for i, w in zip(ids, wts)]
         res = {"routings": len(ids), "bf16": timed([lambda x=x, p=p: bf16.loop(x, p) for x, p in zip(xs, plans)])}
@@ -367,7 +381,8 @@ def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms):
             def run(experts, cfg, xs=xs, ids=ids, wts=wts):
                 return graph_ms([lambda x=x, i=i, w=w: kmoe.fused_moe(x, i, w, experts, cfg)
                                  for x, i, w in zip(xs, ids, wts)]) * 1e3
-            sweep_configs(res, sets, ("int4", "nf4"), DECODE_SWEEP[batch], batch * TOPK, n_sms, run,
+            swept = [n for n in ("int4", "nf4") if n in sets]
+            sweep_configs(res, sets, swept, DECODE_SWEEP[batch], batch * TOPK, n_sms, run,
                           "speedup_vs_bf16", res["bf16"]["graph_us"], f"b={batch:2d}")
         out[f"batch_{batch}"] = res
     return out
@@ -404,8 +419,9 @@ def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048):
         t["throughput_vs_bf16_loop"] = res["bf16_loop"]["graph_us"] / t["graph_us"]
         res[name] = t
         log(f"prefill {name:16s} {t['graph_us']:9.1f} us {t['TFLOPs']:.0f} TFLOP/s x{t['throughput_vs_best_bf16']:.2f}")
-    res["check_int4_rel_err"] = check_against_bf16(sets["int4"][0], x, ids, wts, bf16)
-    log(f"prefill check int4: relative error {res['check_int4_rel_err']:.2e} vs BF16 on dequantized weights")
+    if "int4" in sets:
+        res["check_int4_rel_err"] = check_against_bf16(sets["int4"][0], x, ids, wts, bf16)
+        log(f"prefill check int4: relative error {res['check_int4_rel_err']:.2e} vs BF16 on dequantized weights")
     if sweep:
         sweep_configs(res, sets, ("int4",), PREFILL_SWEEP, tokens * TOPK, n_sms,
                       lambda experts, cfg: graph_ms([lambda: kmoe.fused_moe(x, ids, wts, experts, cfg)]) * 1e3,
@@ -418,7 +434,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/moe_kernels_h100.json")
     parser.add_argument("--sweep", action="store_true", help="also time alternative tilings")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if importable")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated sections to run (default all: {','.join(PARTS)})")
+    parser.add_argument("--sets", default=",".join(EXPERT_SETS),
+                        help=f"comma-separated expert sets to time (default all: {','.join(EXPERT_SETS)})")
+    parser.add_argument("--batches", default="1,16", help="comma-separated decode batch sizes (default 1,16)")
     args = parser.parse_args(argv)
+    parts, set_names = set(args.parts.split(",")), args.sets.split(",")
+    if not parts or parts - set(PARTS):
+        parser.error(f"--parts takes a comma-separated subset of {','.join(PARTS)}, got {args.parts!r}")
+    if set(set_names) - set(EXPERT_SETS):
+        parser.error(f"--sets takes a comma-separated subset of {','.join(EXPERT_SETS)}, got {args.sets!r}")
+    batches = [int(b) for b in args.batches.split(",")]
+    if any(b not in DECODE_SWEEP for b in batches):
+        parser.error(f"--batches takes a comma-separated subset of {','.join(map(str, DECODE_SWEEP))}")
     if not torch.cuda.is_available():
         print("moe_kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -443,13 +472,17 @@ def main(argv=None) -> int:
     }
     started = time.time()
     with torch.inference_mode():
-        report["copy_TBps"] = copy_bandwidth()
-        log(f"{report['device']}: copy {report['copy_TBps']:.2f} TB/s")
-        report["dequant"] = bench_dequant(report["copy_TBps"], args.sweep, gen, bnb)
-        save(report, args.out)
+        report["copy_TBps"], report["fill_TBps"] = copy_bandwidth(), fill_bandwidth()
+        log(f"{report['device']}: copy {report['copy_TBps']:.2f} TB/s, fill {report['fill_TBps']:.2f} TB/s")
+        if "dequant" in parts:
+            report["dequant"] = bench_dequant(report["copy_TBps"], args.sweep, gen, bnb)
+            save(report, args.out)
+        if not parts & {"decode", "prefill"}:
+            return _finish(report, started, args.out)
         bf16 = Bf16Layer(gen)
         sets = {}
-        for name, quants in EXPERT_SETS.items():
+        for name in set_names:
+            quants = EXPERT_SETS[name]
             experts, stored = build_experts(quants, gen)
             sets[name] = (experts, expert_bytes(experts))
             report.setdefault("expert_sets", {})[name] = {
@@ -457,27 +490,35 @@ def main(argv=None) -> int:
                 "bits_per_weight": 8 * stored / (E * 3 * H * I)}
         xs, ids, wts = routings(16, 1, gen)
         report["checks"] = {}
-        for name in ("int4", "mixed_4.25", "nf4"):
+        for name in [n for n in ("int4", "mixed_4.25", "nf4") if n in sets]:
             try:
                 report["checks"][name] = check_against_bf16(sets[name][0], xs[0], ids[0], wts[0], bf16)
             except Exception as exc:
                 report["checks"][name] = repr(exc)[:300]
         log(f"checks (relative error vs BF16 on dequantized weights): {report['checks']}")
-        bnb_loop = bnb_layer(gen) if bnb is not None else None
-        report["decode"] = bench_decode(bf16, sets, args.sweep, gen, bnb_loop, props.multi_processor_count)
-        save(report, args.out)
-        del bnb_loop
-        try:
-            report["prefill"] = bench_prefill(bf16, sets, args.sweep, gen, props.multi_processor_count)
-        except Exception as exc:  # keep the decode figures if prefill breaks
-            report["prefill"] = {"error": repr(exc)[:500]}
-            log(f"prefill failed: {exc!r}")
+        if "decode" in parts:
+            bnb_loop = bnb_layer(gen) if bnb is not None else None
+            report["decode"] = bench_decode(bf16, sets, args.sweep, gen, bnb_loop, props.multi_processor_count,
+                                            batches)
+            save(report, args.out)
+            del bnb_loop
+        if "prefill" in parts:
+            try:
+                report["prefill"] = bench_prefill(bf16, sets, args.sweep, gen, props.multi_processor_count)
+            except Exception as exc:  # keep the decode figures if prefill breaks
+                report["prefill"] = {"error": repr(exc)[:500]}
+                log(f"prefill failed: {exc!r}")
+    return _finish(report, started, args.out)
+
+
+def _finish(report, started, out) -> int:
+    """Seconds, the target figures that the run measured, saved."""
     report["seconds"] = time.time() - started
     try:
         report["targets"] = targets(report)
     except KeyError as exc:
         report["targets"] = {"error": f"missing figure {exc}"}
-    save(report, args.out)
+    save(report, out)
     log(json.dumps(report["targets"], indent=1))
     return 0
 

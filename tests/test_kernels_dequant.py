@@ -108,6 +108,19 @@ def test_dequantize_matches_reference_bitwise(scheme, shape, group_size, double_
     assert mismatch == 0, f"{mismatch} of {got.numel()} elements differ from the reference"
 
 
+@pytest.mark.parametrize("k_fastest", [False, True])
+def test_tile_order_does_not_change_the_bits(k_fastest):
+    """Several row blocks and K tiles, handed out in either order."""
+    from moeconv_torch.kernels import dequant
+
+    scheme, shape, group_size = "int4", (40, 192), 64
+    parts = random_parts(scheme, shape, group_size, False, np.random.default_rng(4))
+    expected = torch.from_numpy(ref_dequantize(parts, scheme, shape, group_size, False)).to(torch.bfloat16)
+    tiling = dequant.DequantTiling(tile_elems=1024, k_fastest=k_fastest)  # 16-row blocks, 3 K tiles
+    got = dequant.dequantize(to_torch(parts), scheme, shape, group_size, tiling=tiling).cpu()
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
 def test_double_quant_spans_several_second_level_blocks():
     # 600 blocks of 32: absmax_scale has 3 entries, so block // 256 indexing is exercised.
     scheme, shape = "nf4", (150, 128)

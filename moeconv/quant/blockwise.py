@@ -27,11 +27,16 @@ disassembly of ``libbitsandbytes_cpu.so``) and how it is replicated:
   65535, 0.5))`` and the code is ``LUT[i]``, where ``LUT[i]`` counts the
   midpoints of DYNAMIC_MAP below ``2i/65535 - 1``.  The fused multiply-add is
   evaluated exactly in float64 and rounded once to float32.
+
+On a CUDA weight (with Triton installed) the whole blocks are quantized by one
+fused kernel launch (:mod:`.triton_quant`), bit for bit what the torch code
+below computes; that code remains the CPU path and the definition.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import numpy as np
@@ -58,6 +63,8 @@ _ORDER = {
     "fp4": np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]),
 }
 _LUT_SIZE = 65536
+#: Whether the fused kernels can be used at all (they run on CUDA weights).
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _dynamic_lut() -> np.ndarray:
@@ -113,11 +120,16 @@ def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_blockwise4(
-    weight: torch.Tensor, family: str, blocksize: int, double_quant: bool
+    weight: torch.Tensor, family: str, blocksize: int, double_quant: bool, *, fused: bool | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``qweight`` and the absmax tensors of a weight; ``finite`` is False for NaN/Inf input.
 
-    The flattened weight is processed in chunks of whole blocks (:mod:`.chunks`).
+    The whole blocks of the flattened weight go through the fused kernel when
+    ``fused`` (default: when the weight is on CUDA and Triton is installed),
+    else through the torch code in chunks of whole blocks (:mod:`.chunks`).  A
+    weight whose absmax shows NaN/Inf is redone with the torch code, which
+    defines the bytes of such (rejected) weights too.  ``fused=True`` on a CPU
+    tensor runs the kernel in Triton's interpreter (how the tests check it).
     """
     flat = weight.reshape(-1)
     n = flat.numel()
@@ -136,7 +148,20 @@ def quantize_blockwise4(
         blocks.mul_((1.0 / am.clamp(min=1e-38)).unsqueeze(1))
         packed[a // 2 : b // 2] = _pack_high_first(codes_of(x))
 
-    for_each_chunk(full, max(1, chunk_elements(device) // blocksize) * blocksize, device, blocks_chunk)
+    def torch_blocks() -> None:
+        for_each_chunk(full, max(1, chunk_elements(device) // blocksize) * blocksize, device, blocks_chunk)
+
+    if fused is None:
+        fused = weight.is_cuda and _TRITON
+    if not fused:
+        torch_blocks()
+    elif full:
+        from .triton_quant import quantize_blocks4
+
+        whole = absmax[: full // blocksize]
+        quantize_blocks4(flat[:full].contiguous(), codes_of, blocksize, packed[: full // 2], whole)
+        if not bool(torch.isfinite(whole).all()):
+            torch_blocks()
     if full < n:
         tail = flat[full:].float()
         am = tail.abs().max().clamp(min=1e-38)

@@ -10,11 +10,16 @@ in its LOW nibble, the exponent bias is 127, and a gpt-oss block tensor
 ``[..., rows, n_blocks, 16]`` is our ``qweight [rows, n_blocks * 16]`` after a
 reshape -- :func:`from_gpt_oss_blocks` -- with identical bytes.  The tests
 compare our dequantization with transformers' function on such blocks.
+
+On a CUDA weight (with Triton installed) one fused kernel launch
+(:mod:`.triton_quant`) computes what the torch code of :func:`quantize_mxfp4`
+computes, bit for bit; that code remains the CPU path and the definition.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import numpy as np
@@ -30,6 +35,11 @@ __all__ = ["quantize_mxfp4", "dequantize_mxfp4", "from_gpt_oss_blocks", "e2m1_co
 
 #: E8M0 code reserved for NaN; format v1 never stores it.
 E8M0_NAN = 255
+#: The largest shared exponent of a finite block: a finite float32 has an
+#: exponent field of at most 254; Inf and NaN (255) give 253.
+_FINITE_E_MAX = 252
+#: Whether the fused kernel can be used at all (it runs on CUDA weights).
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -63,13 +73,18 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def quantize_mxfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def quantize_mxfp4(weight: torch.Tensor, *, fused: bool | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``qweight``/``scales`` of a 2-D weight; ``finite`` is False for NaN/Inf input.
 
     Shared exponent ``e = clamp(floor(log2(amax)) - 2 + 127, 0, 254)`` read
     straight from the float32 exponent field of ``amax`` (zero and subnormal
-    ``amax`` give ``e = 0``, as the clamp would).  Rows are processed in
-    chunks (:mod:`.chunks`), padded with zero columns to whole blocks.
+    ``amax`` give ``e = 0``, as the clamp would).  With ``fused`` (default:
+    when the weight is on CUDA and Triton is installed) one kernel launch does
+    it all, and a weight whose scales show NaN/Inf is redone with the torch
+    code, which defines the bytes of such (rejected) weights too; ``fused=True``
+    on a CPU tensor runs the kernel in Triton's interpreter (how the tests check
+    it).  The torch code processes rows in chunks (:mod:`.chunks`), padded with
+    zero columns to whole blocks.
     """
     rows, cols = weight.shape
     n_blocks = math.ceil(cols / MX_BLOCK)
@@ -78,6 +93,15 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch
     qweight = torch.empty(rows, padded // 2, dtype=torch.uint8, device=device)
     scales = torch.empty(rows, n_blocks, dtype=torch.uint8, device=device)
     codes_of = e2m1_codebook()
+    if fused is None:
+        fused = weight.is_cuda and _TRITON
+    if fused:
+        from .triton_quant import quantize_mxfp4_rows
+
+        quantize_mxfp4_rows(weight, codes_of, qweight, scales)
+        finite = (scales <= _FINITE_E_MAX).all()
+        if bool(finite):
+            return {"qweight": qweight, "scales": scales}, finite
 
     def rows_chunk(r0: int, r1: int) -> torch.Tensor:
         buf = padded_rows(weight, r0, r1, padded)
