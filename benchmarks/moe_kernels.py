@@ -422,7 +422,7 @@ def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048):
     if "int4" in sets:
         res["check_int4_rel_err"] = check_against_bf16(sets["int4"][0], x, ids, wts, bf16)
         log(f"prefill check int4: relative error {res['check_int4_rel_err']:.2e} vs BF16 on dequantized weights")
-    if sweep:
+    if sweep and "int4" in sets:
         sweep_configs(res, sets, ("int4",), PREFILL_SWEEP, tokens * TOPK, n_sms,
                       lambda experts, cfg: graph_ms([lambda: kmoe.fused_moe(x, ids, wts, experts, cfg)]) * 1e3,
                       "throughput_vs_best_bf16", base, "prefill")

@@ -36,7 +36,6 @@ below computes; that code remains the CPU path and the definition.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 
 import numpy as np
@@ -44,7 +43,7 @@ import torch
 
 from moeconv_numpy.schemes import DOUBLE_QUANT_BLOCK, DYNAMIC_MAP, FP4_CODE, NF4_CODE
 
-from .chunks import chunk_elements, for_each_chunk
+from .chunks import chunk_elements, for_each_chunk, use_fused
 from .lookup import Codebook
 
 __all__ = [
@@ -63,8 +62,6 @@ _ORDER = {
     "fp4": np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3]),
 }
 _LUT_SIZE = 65536
-#: Whether the fused kernels can be used at all (they run on CUDA weights).
-_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _dynamic_lut() -> np.ndarray:
@@ -124,12 +121,11 @@ def quantize_blockwise4(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``qweight`` and the absmax tensors of a weight; ``finite`` is False for NaN/Inf input.
 
-    The whole blocks of the flattened weight go through the fused kernel when
-    ``fused`` (default: when the weight is on CUDA and Triton is installed),
-    else through the torch code in chunks of whole blocks (:mod:`.chunks`).  A
-    weight whose absmax shows NaN/Inf is redone with the torch code, which
-    defines the bytes of such (rejected) weights too.  ``fused=True`` on a CPU
-    tensor runs the kernel in Triton's interpreter (how the tests check it).
+    The whole blocks of the flattened weight go through the fused kernel
+    (:func:`.chunks.use_fused` decides) or through the torch code in chunks
+    of whole blocks (:mod:`.chunks`).  A fused weight whose absmax shows
+    NaN/Inf is redone with the torch code, which defines the bytes of such
+    (rejected) weights too.
     """
     flat = weight.reshape(-1)
     n = flat.numel()
@@ -151,17 +147,14 @@ def quantize_blockwise4(
     def torch_blocks() -> None:
         for_each_chunk(full, max(1, chunk_elements(device) // blocksize) * blocksize, device, blocks_chunk)
 
-    if fused is None:
-        fused = weight.is_cuda and _TRITON
-    if not fused:
-        torch_blocks()
-    elif full:
+    fused = use_fused(weight, fused) and full > 0
+    if fused:
         from .triton_quant import quantize_blocks4
 
         whole = absmax[: full // blocksize]
         quantize_blocks4(flat[:full].contiguous(), codes_of, blocksize, packed[: full // 2], whole)
-        if not bool(torch.isfinite(whole).all()):
-            torch_blocks()
+    else:
+        torch_blocks()
     if full < n:
         tail = flat[full:].float()
         am = tail.abs().max().clamp(min=1e-38)
@@ -171,6 +164,8 @@ def quantize_blockwise4(
             scaled = torch.nn.functional.pad(scaled, (0, 1))
         packed[full // 2 :] = _pack_high_first(codes_of(scaled))
     finite = torch.isfinite(absmax).all()
+    if fused and not bool(finite):
+        torch_blocks()
     if double_quant:
         return {"qweight": packed, **double_quantize(absmax)}, finite
     return {"qweight": packed, "absmax": absmax}, finite

@@ -17,13 +17,14 @@ On a GPU the chunks only bound the size of temporaries and run in order.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
-__all__ = ["CHUNK_ELEMENTS", "GPU_CHUNK_ELEMENTS", "chunk_elements", "for_each_chunk", "padded_rows"]
+__all__ = ["CHUNK_ELEMENTS", "GPU_CHUNK_ELEMENTS", "chunk_elements", "for_each_chunk", "padded_rows", "use_fused"]
 
 #: Elements per chunk on the CPU (2 MiB of float32): large enough to amortize
 #: op dispatch and GIL hand-offs between the pool's threads, small enough that
@@ -37,6 +38,17 @@ CHUNK_ELEMENTS = 1 << 19
 GPU_CHUNK_ELEMENTS = 1 << 26
 
 T = TypeVar("T")
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_fused(weight: torch.Tensor, fused: bool | None) -> bool:
+    """Whether a quantizer with a fused Triton kernel (NF4/FP4, MXFP4) skips the chunks for one launch.
+
+    ``fused`` None means: when the weight is on CUDA and Triton is installed.
+    ``fused=True`` on a CPU tensor runs the kernel in Triton's interpreter
+    (how the tests check it against the torch code).
+    """
+    return weight.is_cuda and _TRITON if fused is None else fused
 
 
 def chunk_elements(device: torch.device) -> int:

@@ -19,7 +19,6 @@ computes, bit for bit; that code remains the CPU path and the definition.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 
 from moeconv_numpy.schemes import E2M1_VALUES, MX_BLOCK
 
-from .chunks import chunk_elements, for_each_chunk, padded_rows
+from .chunks import chunk_elements, for_each_chunk, padded_rows, use_fused
 from .intq import pack_codes, unpack_codes
 from .lookup import Codebook
 
@@ -38,8 +37,6 @@ E8M0_NAN = 255
 #: The largest shared exponent of a finite block: a finite float32 has an
 #: exponent field of at most 254; Inf and NaN (255) give 253.
 _FINITE_E_MAX = 252
-#: Whether the fused kernel can be used at all (it runs on CUDA weights).
-_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -78,13 +75,11 @@ def quantize_mxfp4(weight: torch.Tensor, *, fused: bool | None = None) -> tuple[
 
     Shared exponent ``e = clamp(floor(log2(amax)) - 2 + 127, 0, 254)`` read
     straight from the float32 exponent field of ``amax`` (zero and subnormal
-    ``amax`` give ``e = 0``, as the clamp would).  With ``fused`` (default:
-    when the weight is on CUDA and Triton is installed) one kernel launch does
-    it all, and a weight whose scales show NaN/Inf is redone with the torch
-    code, which defines the bytes of such (rejected) weights too; ``fused=True``
-    on a CPU tensor runs the kernel in Triton's interpreter (how the tests check
-    it).  The torch code processes rows in chunks (:mod:`.chunks`), padded with
-    zero columns to whole blocks.
+    ``amax`` give ``e = 0``, as the clamp would).  Where
+    :func:`.chunks.use_fused` says so, one kernel launch does it all, and a
+    weight whose scales show NaN/Inf is redone with the torch code, which
+    defines the bytes of such (rejected) weights too.  The torch code processes
+    rows in chunks (:mod:`.chunks`), padded with zero columns to whole blocks.
     """
     rows, cols = weight.shape
     n_blocks = math.ceil(cols / MX_BLOCK)
@@ -93,9 +88,7 @@ def quantize_mxfp4(weight: torch.Tensor, *, fused: bool | None = None) -> tuple[
     qweight = torch.empty(rows, padded // 2, dtype=torch.uint8, device=device)
     scales = torch.empty(rows, n_blocks, dtype=torch.uint8, device=device)
     codes_of = e2m1_codebook()
-    if fused is None:
-        fused = weight.is_cuda and _TRITON
-    if fused:
+    if use_fused(weight, fused):
         from .triton_quant import quantize_mxfp4_rows
 
         quantize_mxfp4_rows(weight, codes_of, qweight, scales)
