@@ -88,6 +88,12 @@ def graph_ms(calls, reps=20) -> float:
     return events_ms(graph.replay, reps=reps) / len(calls)
 
 
+def kernel_ms(fn, calls=5) -> float:
+    """Milliseconds of one ``fn()`` on the GPU alone: replayed from a CUDA graph, so that Python's launch
+    overhead (tens of microseconds, as long as a whole dequantization) is not counted."""
+    return graph_ms([fn] * calls)
+
+
 def eager_ms(calls, reps=10) -> float:
     def run():
         for c in calls:
@@ -134,21 +140,21 @@ def fill_bandwidth() -> float:
 def bench_dequant(copy_bw, sweep, gen, bnb):
     shape = (I, H)
     out = {"shape": list(shape), "rows": [], "sweep": []}
-    tilings = [kdequant.DequantTiling(elems, warps, k_fastest) for k_fastest in (False, True)
-               for elems, warps in [(8192, 4), (4096, 4), (16384, 8)]]
+    tilings = [kdequant.DequantTiling(elems, warps)
+               for elems, warps in [(2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8)]]
     if sweep:
         for scheme, gs, dq in [("int4", 64, False), ("int3", 64, False), ("nf4", 64, True), ("int8", 64, False)]:
             parts = random_parts(scheme, shape, gs, dq, gen)
             moved = nbytes(parts) + 2 * I * H
             for tiling in tilings:
-                ms = events_ms(lambda: kdequant.dequantize(parts, scheme, shape, gs, dq, tiling=tiling))
+                ms = kernel_ms(lambda: kdequant.dequantize(parts, scheme, shape, gs, dq, tiling=tiling))
                 out["sweep"].append({"scheme": scheme, "double_quant": dq, "tiling": tiling.__dict__,
                                      "ms": ms, "TBps": moved / ms / 1e9})
                 log(f"  sweep dequant {scheme:8s} dq={dq:d} {tiling} {moved / ms / 1e9:.2f} TB/s")
     for scheme, gs, dq in DEQUANT_CASES:
         parts = random_parts(scheme, shape, gs, dq, gen)
         moved = nbytes(parts) + 2 * I * H
-        ms = events_ms(lambda: kernels.dequantize(parts, scheme, shape, gs, dq, torch.bfloat16))
+        ms = kernel_ms(lambda: kernels.dequantize(parts, scheme, shape, gs, dq, torch.bfloat16))
         row = {"scheme": scheme, "group_size": gs, "double_quant": dq, "ms": ms, "packed_bytes": nbytes(parts),
                "TBps": moved / ms / 1e9, "fraction_of_copy": moved / ms / 1e9 / copy_bw}
         out["rows"].append(row)
@@ -160,7 +166,10 @@ def bench_dequant(copy_bw, sweep, gen, bnb):
             packed = q.numel() + state.absmax.numel() * state.absmax.element_size()
             if dq:
                 packed += state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4
-            ms = events_ms(lambda: bnb.functional.dequantize_4bit(q, state))
+            try:
+                ms = kernel_ms(lambda: bnb.functional.dequantize_4bit(q, state))
+            except RuntimeError:  # not capturable in a graph: time it eagerly (launch overhead included)
+                ms = events_ms(lambda: bnb.functional.dequantize_4bit(q, state))
             moved = packed + 2 * I * H
             out["rows"].append({"scheme": "bitsandbytes-nf4", "group_size": 64, "double_quant": dq, "ms": ms,
                                 "TBps": moved / ms / 1e9, "fraction_of_copy": moved / ms / 1e9 / copy_bw})

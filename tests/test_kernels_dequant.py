@@ -108,16 +108,29 @@ def test_dequantize_matches_reference_bitwise(scheme, shape, group_size, double_
     assert mismatch == 0, f"{mismatch} of {got.numel()} elements differ from the reference"
 
 
-@pytest.mark.parametrize("k_fastest", [False, True])
-def test_tile_order_does_not_change_the_bits(k_fastest):
-    """Several row blocks and K tiles, handed out in either order."""
+@pytest.mark.parametrize("scheme,shape,group_size", [("int4", (40, 192), 64), ("int3", (9, 100), 32),
+                                                     ("nf4", (13, 27), 64), ("mxfp4", (11, 70), 32)])
+def test_many_programs_and_a_ragged_last_one(scheme, shape, group_size):
+    """Small tiles: the stream spans many programs, the last one only partly; padded rows and partial units."""
     from moeconv_torch.kernels import dequant
 
-    scheme, shape, group_size = "int4", (40, 192), 64
     parts = random_parts(scheme, shape, group_size, False, np.random.default_rng(4))
     expected = torch.from_numpy(ref_dequantize(parts, scheme, shape, group_size, False)).to(torch.bfloat16)
-    tiling = dequant.DequantTiling(tile_elems=1024, k_fastest=k_fastest)  # 16-row blocks, 3 K tiles
+    tiling = dequant.DequantTiling(tile_elems=256)
     got = dequant.dequantize(to_torch(parts), scheme, shape, group_size, tiling=tiling).cpu()
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+def test_codes_that_do_not_start_on_a_word_boundary():
+    """A qweight view one byte into a larger buffer (as a part sliced from a file may be) is read correctly."""
+    scheme, shape, group_size = "int4", (6, 128), 64
+    parts = random_parts(scheme, shape, group_size, False, np.random.default_rng(5))
+    expected = torch.from_numpy(ref_dequantize(parts, scheme, shape, group_size, False)).to(torch.bfloat16)
+    torch_parts = to_torch(parts)
+    buffer = torch.zeros(torch_parts["qweight"].numel() + 1, dtype=torch.uint8, device=DEVICE)
+    buffer[1:] = torch_parts["qweight"].reshape(-1)
+    torch_parts["qweight"] = buffer[1:].view(torch_parts["qweight"].shape)
+    got = kernels.dequantize(torch_parts, scheme, shape, group_size, False, torch.bfloat16).cpu()
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 

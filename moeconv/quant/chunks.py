@@ -42,7 +42,7 @@ _TRITON = importlib.util.find_spec("triton") is not None
 
 
 def use_fused(weight: torch.Tensor, fused: bool | None) -> bool:
-    """Whether a quantizer with a fused Triton kernel (NF4/FP4, MXFP4) skips the chunks for one launch.
+    """Whether a quantizer with a fused Triton kernel (NF4/FP4, MXFP4, INT) skips the chunks for one launch.
 
     ``fused`` None means: when the weight is on CUDA and Triton is installed.
     ``fused=True`` on a CPU tensor runs the kernel in Triton's interpreter

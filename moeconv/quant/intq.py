@@ -1,10 +1,14 @@
 """Group-wise round-to-nearest integers: the ``int`` family of format v1.
 
-The numerics are those of ``spec/FORMAT.md`` (and ``/tmp/CONTRACT.md``):
+The numerics are those of ``spec/FORMAT.md``:
 float16-rounded scales, float16 (not integer-rounded) zero points, round half
 to even, codes packed into a little-endian bit stream per row.  Every function
 is a handful of whole-tensor torch ops on the tensor's own device, so CPU and
-CUDA run the same code and give the same bits.
+CUDA run the same code and give the same bits.  The one exception is
+:func:`quantize_int` on a CUDA weight: that chain of ops reached only 42-64
+GB/s of BF16 input on an H100, so it launches one fused Triton kernel
+(:func:`.triton_quant.quantize_int_rows`) that computes the same bytes step by
+step; the torch code stays the definition and the CPU path.
 
 Two details keep CUDA bit-identical to CPU: divisions by constants are done by
 a tensor on the device (PyTorch's CUDA kernels turn division by a Python
@@ -23,7 +27,7 @@ import math
 
 import torch
 
-from .chunks import chunk_elements, for_each_chunk, padded_rows
+from .chunks import chunk_elements, for_each_chunk, padded_rows, use_fused
 
 __all__ = [
     "group_params",
@@ -32,6 +36,7 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "quantize_int",
+    "fused_group_size",
     "dequantize_int",
 ]
 
@@ -224,8 +229,19 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     return codes.view(rows, -1)[:, :n_codes].contiguous()
 
 
+def fused_group_size(group_size: int) -> bool:
+    """Whether the fused kernel takes this group size: a power of two from 8 to 4096.
+
+    From 8 up, a group's codes fill whole bytes at every width (8 codes of 3
+    bits are 3 bytes), so groups pack independently; a group is one row of a
+    kernel tile, held in registers, hence the upper bound (larger groups are
+    unusual and take the torch path).
+    """
+    return 8 <= group_size <= 4096 and group_size & (group_size - 1) == 0
+
+
 def quantize_int(
-    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int
+    weight: torch.Tensor, bits: int, symmetric: bool, group_size: int, *, fused: bool | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Round-to-nearest quantization of a 2-D weight into ``qweight``/``scales``(/``zeros``).
 
@@ -234,10 +250,16 @@ def quantize_int(
     group range beyond float16); the caller turns that into an error that
     names the weight.  Keeping it a tensor avoids a device sync per chunk.
 
-    Rows are processed in chunks (:mod:`.chunks`): each chunk is copied once
-    into a float32 buffer padded to whole groups with zeros (which cannot
-    change ``min(w, 0)``, ``max(w, 0)`` or the largest magnitude), turned
-    into codes in place and packed into its rows of the outputs.
+    Where :func:`.chunks.use_fused` says so and :func:`fused_group_size`
+    allows, one kernel launch (:func:`.triton_quant.quantize_int_rows`) does
+    it all, bit for bit as the torch code below; a weight with any non-finite
+    scale or zero point is then redone with the torch code, which defines the
+    bytes of such (rejected) weights too.
+
+    The torch code processes rows in chunks (:mod:`.chunks`): each chunk is
+    copied once into a float32 buffer padded to whole groups with zeros (which
+    cannot change ``min(w, 0)``, ``max(w, 0)`` or the largest magnitude),
+    turned into codes in place and packed into its rows of the outputs.
     """
     rows, cols = weight.shape
     n_groups = math.ceil(cols / group_size)
@@ -246,6 +268,16 @@ def quantize_int(
     qweight = torch.empty(rows, _row_bytes(padded, bits), dtype=torch.uint8, device=device)
     scales = torch.empty(rows, n_groups, dtype=torch.float16, device=device)
     zeros = None if symmetric else torch.empty(rows, n_groups, dtype=torch.float16, device=device)
+    parts = {"qweight": qweight, "scales": scales}
+    if zeros is not None:
+        parts["zeros"] = zeros
+    if fused_group_size(group_size) and use_fused(weight, fused):
+        from .triton_quant import quantize_int_rows
+
+        quantize_int_rows(weight, bits, symmetric, group_size, qweight, scales, zeros)
+        finite = torch.stack([torch.isfinite(part).all() for part in (scales, zeros) if part is not None]).all()
+        if bool(finite):
+            return parts, finite
 
     def rows_chunk(r0: int, r1: int) -> torch.Tensor:
         buf = padded_rows(weight, r0, r1, padded)
@@ -261,9 +293,6 @@ def quantize_int(
         return torch.isfinite(scale).all() & torch.isfinite(zero).all()
 
     finite = for_each_chunk(rows, max(1, chunk_elements(device) // padded), device, rows_chunk)
-    parts = {"qweight": qweight, "scales": scales}
-    if zeros is not None:
-        parts["zeros"] = zeros
     return parts, torch.stack(finite).all()
 
 

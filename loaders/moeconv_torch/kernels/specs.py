@@ -48,21 +48,34 @@ def tile_k(group_size: int, limit: int = MAX_BLOCK_K) -> int:
     return math.gcd(group_size, limit)
 
 
+def dequant_unit(scheme: str, group_size: int) -> tuple[int, int]:
+    """(codes, bytes) the dequant kernel reads at a time: a 32-bit word of 4, 8 or 16 codes, or three-bit
+    codes in 12-byte packs of 32 (groups of whole packs) or 3-byte packs of 8."""
+    bits = scheme_info(scheme).bits
+    if bits == 3:
+        return (32, 12) if group_size % 32 == 0 else (8, 3)
+    return 32 // bits, 4
+
+
 def unsupported(scheme: str, shape: tuple[int, int], group_size: int, fused: bool = True) -> str | None:
     """Why the kernels cannot take this weight, or None when they can.
 
-    The kernels read one quantization group per K tile and need that tile to be
-    a power of two of at least 16 elements (a tensor-core K step, and whole
-    3-byte packs of 3-bit codes).  In the fused MoE kernels nf4/fp4 blocks must
-    also not straddle rows, since those kernels address blocks per row;
-    ``dequantize`` (``fused=False``) reads nf4/fp4 in their flat layout.
+    ``dequantize`` (``fused=False``) needs each unit it reads (``dequant_unit``)
+    to lie in one group.  The fused MoE kernels read one quantization group
+    per K tile and need that tile to be a power of two of at least 16
+    elements (a tensor-core K step, and whole 3-byte packs of 3-bit codes);
+    nf4/fp4 blocks must also not straddle rows, since those kernels address
+    blocks per row.
     """
     info = scheme_info(scheme)
     if info.family == "mxfp4":
         return None if group_size == MX_BLOCK else f"mxfp4 needs group size {MX_BLOCK}, got {group_size}"
+    if not fused:
+        unit = dequant_unit(scheme, group_size)[0]
+        return None if group_size % unit == 0 else f"{scheme} groups of {group_size} are not whole {unit}-code units"
     if tile_k(group_size) < 16:
         return f"group size {group_size} has no power-of-two divisor >= 16 (the kernels' K tile)"
-    if fused and info.family in ("nf4", "fp4") and shape[1] % group_size:
+    if info.family in ("nf4", "fp4") and shape[1] % group_size:
         return f"{scheme} blocks of {group_size} straddle rows of {shape[1]} columns"
     return None
 

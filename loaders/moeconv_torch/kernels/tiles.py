@@ -1,8 +1,9 @@
-"""Triton device functions shared by the kernels: unpack codes, dequantize a tile, round, multiply.
+"""Triton device functions of the fused MoE kernels: unpack codes, dequantize a tile, round, multiply.
 
-Every kernel reads weights through ``dequant_tile`` (dequantization, tensor-core
-products) or ``gemv_tile`` (decode), so the packing rules of format v1
-(spec/FORMAT.md) live in this one file:
+The fused kernels read weights through ``dequant_tile`` (tensor-core
+products) or ``gemv_tile`` (decode), so their reading of the packing rules of
+format v1 (spec/FORMAT.md) lives in this one file (the whole-weight dequant
+kernel reads the same rules as a flat stream, in ``dequant``):
 
 * int family: an LSB-first bit stream per row, one fp16 scale (and zero) per group;
 * nf4/fp4: two codes per byte, first element in the HIGH nibble, a float32
@@ -61,45 +62,56 @@ def lookup_pair(ptrs):
 
 
 @triton.jit
-def _tile_params(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0, K, SPEC: tl.constexpr):
-    """Byte offset of each row's tile start from the codes pointer, and the tile's (s, z) per row.
+def group_scale(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, grp, ok, SPEC: tl.constexpr):
+    """(s, z) of groups ``grp``: their values are ``(c - z) * s`` or ``TABLE[c] * s``.
 
-    Every scheme dequantizes as ``(TABLE[c] or c - z) * s`` with one s (and z)
-    per row of a tile, since a tile lies inside one quantization group.
-    Pointers by role: ``s`` scales, ``z`` zeros (fp16, int family); nf4/fp4:
+    Pointers by role: ``s`` scales, ``z`` zeros (fp16, int family); nf4/fp4
     ``fa`` absmax (f32), or with double quant ``b`` absmax_q (u8), ``fa``
-    absmax_scale and ``fb`` absmax_offset (f32); mxfp4: ``b`` E8M0 scales.
+    absmax_scale (f32, one per 256 blocks) and ``fb`` absmax_offset; mxfp4
+    ``b`` E8M0 scales (u8).  The float32 operations are the spec's, in its
+    order (no FMA: the kernels compile with fusion off).
     """
     FAM: tl.constexpr = SPEC % 4
     BITS: tl.constexpr = SPEC // 4 % 16
     SYM: tl.constexpr = SPEC // 64 % 2
     DQ: tl.constexpr = SPEC // 128 % 2
-    GS: tl.constexpr = SPEC // 256
-    r = rows.to(tl.int64)[:, None]
-    ok = row_ok[:, None]
-    n_groups = tl.cdiv(K, GS)
-    grp = r * n_groups + k0 // GS
     z = 0.0
     if FAM == 0:
-        row_bytes = n_groups * (GS * BITS // 8)
         s = tl.load(s_ptr + grp, mask=ok, other=0.0).to(tl.float32)
         if SYM:
             z = (1 << (BITS - 1)) * 1.0
         else:
             z = tl.load(z_ptr + grp, mask=ok, other=0.0).to(tl.float32)
     elif FAM == 3:
-        row_bytes = n_groups * (GS // 2)
         e = tl.load(b_ptr + grp, mask=ok, other=0).to(tl.int32)
-        # 2^(e-127) built from its bits; e == 0 is the subnormal 2^-127.
-        s = tl.where(e == 0, 0x400000, e << 23).to(tl.float32, bitcast=True)
+        s = tl.where(e == 0, 0x400000, e << 23).to(tl.float32, bitcast=True)  # 2^(e-127); e == 0: 2^-127
+    elif DQ:
+        qa = tl.load(b_ptr + grp, mask=ok, other=0).to(tl.int32)
+        s = lookup(tab_ptr + TAB_DMAP + qa) * tl.load(fa_ptr + grp // 256, mask=ok, other=0.0) + tl.load(fb_ptr)
+    else:
+        s = tl.load(fa_ptr + grp, mask=ok, other=0.0)
+    return s, z
+
+
+@triton.jit
+def _tile_params(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0, K, SPEC: tl.constexpr):
+    """Byte offset of each row's tile start from the codes pointer, and the tile's (s, z) per row.
+
+    Every scheme dequantizes as ``(TABLE[c] or c - z) * s`` with one s (and z)
+    per row of a tile, since a tile lies inside one quantization group.
+    """
+    FAM: tl.constexpr = SPEC % 4
+    BITS: tl.constexpr = SPEC // 4 % 16
+    GS: tl.constexpr = SPEC // 256
+    r = rows.to(tl.int64)[:, None]
+    n_groups = tl.cdiv(K, GS)
+    s, z = group_scale(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, r * n_groups + k0 // GS, row_ok[:, None], SPEC)
+    if FAM == 0:
+        row_bytes = n_groups * (GS * BITS // 8)
+    elif FAM == 3:
+        row_bytes = n_groups * (GS // 2)
     else:
         row_bytes = (K // GS) * (GS // 2)  # K % GS == 0 here; written so the compiler sees 16-byte rows
-        if DQ:
-            qa = tl.load(b_ptr + grp, mask=ok, other=0).to(tl.int32)
-            s = lookup(tab_ptr + TAB_DMAP + qa) * tl.load(fa_ptr + grp // 256, mask=ok, other=0.0) \
-                + tl.load(fb_ptr)
-        else:
-            s = tl.load(fa_ptr + grp, mask=ok, other=0.0)
     return r * row_bytes + k0 * BITS // 8, s, z
 
 
