@@ -11,7 +11,7 @@ quantization the call is bound by bitsandbytes' offset, a float32 mean that
 must be taken on the CPU (:func:`.blockwise.double_quantize`).  The INT
 torch path (:func:`.intq.quantize_int`) is a shorter chain but still reached
 only 42-64 GB/s, some variants under the aim, so it has a kernel too:
-130-467 GB/s over the variants and runs (same file).
+131-467 GB/s over the variants and runs (same file).
 
 What it guarantees: the same bytes as the torch path on the same input, which
 stays the CPU path and the definition; ``tests/test_quant_fused.py`` compares
