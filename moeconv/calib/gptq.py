@@ -9,9 +9,10 @@ of all experts of a layer) with batched linear algebra; the only Python loop is 
 
 The result is exactly the format's int tensors: group scales and zero points
 come from :func:`moeconv.quant.intq.group_params`, codes from
-``float_codes`` (``quantize_codes`` without the uint8 round trip) and bytes from ``pack_codes``, and the error feedback uses
-the format's float32 dequantization formula, so ``dequantize(parts)`` is the
-very matrix GPTQ optimized against.  Without act-order the group parameters of
+``float_codes`` (``quantize_codes`` without the uint8 round trip) and bytes
+from ``pack_codes``, and the error feedback uses the format's float32
+dequantization formula, so ``dequantize(parts)`` is the very matrix GPTQ
+optimized against.  Without act-order the group parameters of
 a group are computed when the sweep reaches its first column, from the
 error-updated weights (as in the reference GPTQ).  With act-order the columns
 are visited by decreasing Hessian diagonal; since the format has no ``g_idx``,
@@ -269,7 +270,9 @@ def gptq_quantize(
         w = w.gather(-1, perm[:, None, :].expand(-1, rows, -1))
         h = h.gather(-1, perm[:, None, :].expand(-1, cols, -1)).gather(-2, perm[:, :, None].expand(-1, -1, cols))
         column_group = perm // g
-    upper = factor.to(w.device, torch.float32) if factor is not None else _upper_inverse_cholesky(h, percdamp, names).float()
+    if factor is None:
+        factor = _upper_inverse_cholesky(h, percdamp, names)
+    upper = factor.to(w.device, torch.float32)
 
     codes = torch.zeros(n, rows, n_groups * g, dtype=torch.uint8, device=w.device)
     step = g * max(1, block_size // g)  # blocks hold whole groups, so a group's parameters see updated columns

@@ -176,7 +176,7 @@ class DequantTiling:
     num_warps: int = 4
 
 
-def role_pointers(parts: Mapping[str, torch.Tensor], family: str, filler: torch.Tensor) -> tuple:
+def _role_pointers(parts: Mapping[str, torch.Tensor], family: str, filler: torch.Tensor) -> tuple:
     """(q, s, z, fa, fb, b) as the kernels name them; roles a scheme lacks get ``filler`` (never read)."""
     p = dict(parts)
     if family == "int":
@@ -215,7 +215,7 @@ def dequantize(parts: Mapping[str, torch.Tensor], scheme: str, shape, group_size
     block = max(tiling.tile_elems, unit)
     tab = tables(out.device)
     _dequant_kernel[(triton.cdiv(n_codes, block),)](
-        *role_pointers(parts, family, tab), tab, out, n_codes, cols, row_codes,
+        *_role_pointers(parts, family, tab), tab, out, n_codes, cols, row_codes,
         SPEC=specs.spec_code(scheme, group_size, double_quant), UNIT=unit, UNIT_BYTES=unit_bytes, BLOCK=block,
         PADDED=row_codes != cols, TO_BF16=out_dtype == torch.bfloat16, INTERPRET=INTERPRET,
         num_warps=tiling.num_warps, enable_fp_fusion=False,
