@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from test_kernels_dequant import DEVICE, random_parts, ref_dequantize, to_torch  # noqa: E402
 
 from moeconv_torch.kernels import PackedExperts, PackedWeight, fused_moe  # noqa: E402
-from moeconv_torch.kernels import moe  # noqa: E402
+from moeconv_torch.kernels import moe, tiles  # noqa: E402
 
 H, I = 64, 128
 
@@ -128,6 +128,16 @@ def test_gemv_rows_that_end_inside_a_tile_and_unaligned_codes():
     config = moe.MoeConfig("gemv", 1, 32, 32, 64, 1, 4, 1, unroll=2)
     assert hidden % config.block_k and inter % config.block_k
     assert_close(moe.fused_moe(x, ids, wts, experts, config), reference(x, ids.cpu(), wts.cpu(), dense))
+
+
+def test_gemv_guards_follow_the_shapes():
+    """Unguarded reads only where every N block and K step lies inside the weight; each guard has a test above."""
+    for rows, block_n, k in ((I, GEMV.up_block_n, H), (H, GEMV.down_block_n, I)):  # test_mixed_schemes...
+        assert tiles.gemv_bounds(rows, block_n, k, GEMV.block_k, GEMV.unroll) == tiles.BOUNDS_NONE
+    assert tiles.gemv_bounds(80, 32, 96, 64, 2) == tiles.BOUNDS_ELEMENT  # test_gemv_rows_that_end_inside_a_tile...
+    default = moe.choose_config(2, make_layer([(("int4", 64, False),) * 3], np.random.default_rng(0))[0], 132)
+    assert tiles.gemv_bounds(I, default.up_block_n, H, default.block_k, default.unroll) == tiles.BOUNDS_TILE
+    assert tiles.gemv_bounds(100, 64, 512, 64, 4) == tiles.BOUNDS_TILE  # rows ending inside an N block
 
 
 def test_default_dispatch_uses_both_paths():

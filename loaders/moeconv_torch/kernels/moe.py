@@ -40,7 +40,7 @@ import triton.language as tl
 
 from .dequant import tables
 from .experts import PackedExperts
-from .tiles import dequant_tile, gemv_tile, gemv_width, mma, round_to
+from .tiles import dequant_tile, gemv_bounds, gemv_tile, gemv_width, mma, one_bits, round_to
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Variants compiled into one launch (more take further launches).
@@ -114,10 +114,10 @@ def _weight_ptrs(off_ptr, u8_ptr, f16_ptr, f32_ptr, row):
 
 
 @triton.jit
-def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb, ub, tab_ptr, n, n_ok,
+def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb, ub, tab_ptr, one, n, n_ok,
              GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr,
              UNROLL: tl.constexpr, USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
-             EVEN_K: tl.constexpr):
+             BOUNDS: tl.constexpr):
     """gate and up products [BM, BN] (float32) of the block's tokens with one variant's weights."""
     GG: tl.constexpr = GSPEC // 256
     GU: tl.constexpr = USPEC // 256
@@ -144,10 +144,10 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, u
         # UNROLL independent tiles per step keep more packed bytes in flight per thread.
         for k0 in range(0, H, BK * UNROLL):
             for r in tl.static_range(UNROLL):
-                acc_g = gemv_tile(acc_g, x_rows, valid[:, None], gq, gs, gz, gfa, gfb, gb, tab_ptr, n, n_ok,
-                                  k0 + r * BK, H, GSPEC, BK, EVEN_K)
-                acc_u = gemv_tile(acc_u, x_rows, valid[:, None], uq, us, uz, ufa, ufb, ub, tab_ptr, n, n_ok,
-                                  k0 + r * BK, H, USPEC, BK, EVEN_K)
+                acc_g = gemv_tile(acc_g, x_rows, valid[:, None], gq, gs, gz, gfa, gfb, gb, tab_ptr, one, n, n_ok,
+                                  k0 + r * BK, H, GSPEC, BK, BOUNDS)
+                acc_u = gemv_tile(acc_u, x_rows, valid[:, None], uq, us, uz, ufa, ufb, ub, tab_ptr, one, n, n_ok,
+                                  k0 + r * BK, H, USPEC, BK, BOUNDS)
     if not USE_DOT:
         acc_g = tl.sum(acc_g, axis=1)[None, :]
         acc_u = tl.sum(acc_u, axis=1)[None, :]
@@ -155,10 +155,10 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, u
 
 
 @triton.jit
-def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
+def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, one, n, n_ok,
           SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr,
           UNROLL: tl.constexpr, USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
-          EVEN_K: tl.constexpr):
+          BOUNDS: tl.constexpr):
     """Down product [BM, BN] (float32) over columns [k_lo, k_hi) of the block's rows of ``h``."""
     G: tl.constexpr = SPEC // 256
     P: tl.constexpr = G & -G
@@ -178,8 +178,8 @@ def _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_o
         for k0 in range(k_lo, k_hi, BK * UNROLL):
             for r in tl.static_range(UNROLL):
                 # K splits are multiples of the unrolled step, so no step crosses into the next split.
-                acc = gemv_tile(acc, h_rows, valid[:, None], q, s, z, fa, fb, b, tab_ptr, n, n_ok, k0 + r * BK, I,
-                                SPEC, BK, EVEN_K)
+                acc = gemv_tile(acc, h_rows, valid[:, None], q, s, z, fa, fb, b, tab_ptr, one, n, n_ok, k0 + r * BK, I,
+                                SPEC, BK, BOUNDS)
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[None, :]
     return acc
@@ -208,7 +208,7 @@ def _moe_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, 
                    G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                    NUM_V: tl.constexpr, TOPK: tl.constexpr, SORTED: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr, UNROLL: tl.constexpr,
-                   USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, EVEN_H: tl.constexpr):
+                   USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, BOUNDS: tl.constexpr):
     pid_m = tl.program_id(0)
     e, v, slot, aid, valid, tok = _block_rows(ids_ptr, blk_ptr, var_ptr, 0, pid_m, A, VBASE, NUM_V, TOPK, SORTED, BM)
     if v < 0:
@@ -217,26 +217,28 @@ def _moe_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, 
     n_ok = n < I
     gq, gs, gz, gfa, gfb, gb = _weight_ptrs(off_ptr, u8_ptr, f16_ptr, f32_ptr, e * 6)
     uq, us, uz, ufa, ufb, ub = _weight_ptrs(off_ptr, u8_ptr, f16_ptr, f32_ptr, (E + e) * 6)
+    one = one_bits(tab_ptr)
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
     if v == 0:
         acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb, ub,
-                                tab_ptr, n, n_ok, G0, U0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_H)
+                                tab_ptr, one, n, n_ok, G0, U0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
+                                BOUNDS)
     if NUM_V > 1:
         if v == 1:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb,
-                                    ub, tab_ptr, n, n_ok, G1, U1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
-                                    EVEN_H)
+                                    ub, tab_ptr, one, n, n_ok, G1, U1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16,
+                                    INTERPRET, BOUNDS)
     if NUM_V > 2:
         if v == 2:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb,
-                                    ub, tab_ptr, n, n_ok, G2, U2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
-                                    EVEN_H)
+                                    ub, tab_ptr, one, n, n_ok, G2, U2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16,
+                                    INTERPRET, BOUNDS)
     if NUM_V > 3:
         if v == 3:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, gq, gs, gz, gfa, gfb, gb, uq, us, uz, ufa, ufb,
-                                    ub, tab_ptr, n, n_ok, G3, U3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET,
-                                    EVEN_H)
+                                    ub, tab_ptr, one, n, n_ok, G3, U3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16,
+                                    INTERPRET, BOUNDS)
     hval = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     if USE_DOT:  # the tensor-core down product reads h in the activation dtype; gemv reads float32
         hval = round_to(hval, ACT_BF16, INTERPRET)
@@ -249,7 +251,7 @@ def _moe_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, f16_ptr,
                      D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                      NUM_V: tl.constexpr, TOPK: tl.constexpr, SORTED: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK_MAX: tl.constexpr, UNROLL: tl.constexpr,
-                     USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, EVEN_I: tl.constexpr):
+                     USE_DOT: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, BOUNDS: tl.constexpr):
     pid_m = tl.program_id(0)
     e, v, slot, aid, valid, tok = _block_rows(ids_ptr, blk_ptr, var_ptr, E, pid_m, A, VBASE, NUM_V, TOPK, SORTED, BM)
     if v < 0:
@@ -257,24 +259,25 @@ def _moe_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, f16_ptr,
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = n < H
     q, s, z, fa, fb, b = _weight_ptrs(off_ptr, u8_ptr, f16_ptr, f32_ptr, (2 * E + e) * 6)
+    one = one_bits(tab_ptr)
     k_lo = tl.program_id(2) * k_chunk
     k_hi = tl.minimum(k_lo + k_chunk, I)
     acc = tl.zeros([BM, BN], tl.float32)
     if v == 0:
-        acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                    D0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
+        acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, one, n, n_ok,
+                    D0, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, BOUNDS)
     if NUM_V > 1:
         if v == 1:
-            acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                        D1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
+            acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, one, n, n_ok,
+                        D1, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, BOUNDS)
     if NUM_V > 2:
         if v == 2:
-            acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                        D2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
+            acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, one, n, n_ok,
+                        D2, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, BOUNDS)
     if NUM_V > 3:
         if v == 3:
-            acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, n, n_ok,
-                        D3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, EVEN_I)
+            acc = _down(h_ptr, slot, valid, I, k_lo, k_hi, q, s, z, fa, fb, b, tab_ptr, one, n, n_ok,
+                        D3, BM, BN, BK_MAX, UNROLL, USE_DOT, ACT_BF16, INTERPRET, BOUNDS)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     tl.atomic_add(out_ptr + tok.to(tl.int64)[:, None] * H + n[None, :], acc * wt[:, None],
                   mask=valid[:, None] & n_ok[None, :])
@@ -388,14 +391,17 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
         grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n))
         _moe_up_kernel[grid](x, x.stride(0), ids, blk, experts.variant, *store, h, pairs, hid, inter, e, base,
-                             NUM_V=len(chunk), BN=cfg.up_block_n, EVEN_H=hid % cfg.block_k == 0, **specs_kw, **common)
+                             NUM_V=len(chunk), BN=cfg.up_block_n,
+                             BOUNDS=gemv_bounds(inter, cfg.up_block_n, hid, cfg.block_k, cfg.unroll),
+                             **specs_kw, **common)
     k_chunk = triton.cdiv(triton.cdiv(inter, cfg.split_k), k_step(cfg)) * k_step(cfg)
     for base in range(0, len(experts.down_variants), per_launch):
         chunk = experts.down_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
         grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(inter, k_chunk))
         _moe_down_kernel[grid](h, ids, blk, experts.variant, *store, weights, out, pairs, hid, inter, e, base,
-                               k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n, EVEN_I=inter % cfg.block_k == 0,
+                               k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n,
+                               BOUNDS=gemv_bounds(hid, cfg.down_block_n, inter, cfg.block_k, cfg.unroll),
                                **{f"D{i}": code for i, code in enumerate(padded)}, **common)
     return out.to(hidden.dtype)
 

@@ -22,9 +22,12 @@ FAM_INT, FAM_NF4, FAM_FP4, FAM_MX = 0, 1, 2, 3
 _FAMILIES = {"int": FAM_INT, "nf4": FAM_NF4, "fp4": FAM_FP4, "mxfp4": FAM_MX}
 
 #: Offsets of the code tables inside the float32 table tensor (see ``code_tables``);
-#: ``tiles._value`` relies on nf4, fp4 and E2M1 sitting at 16 * (family - 1), and
-#: ``tiles._words_tile`` on their byte-pair tables sitting at TAB_PAIRS + 512 * (family - 1).
-TAB_NF4, TAB_FP4, TAB_E2M1, TAB_DMAP, TAB_PAIRS = 0, 16, 32, 48, 304
+#: ``tiles`` relies on nf4, fp4 and E2M1 sitting at 16 * (family - 1).  A 16-entry
+#: table is one cache line, so a warp's lookups cost one L1 wavefront: byte-pair
+#: tables (2 KB, half the reads) made nf4 decode 1.4x slower on an H100.
+TAB_NF4, TAB_FP4, TAB_E2M1, TAB_DMAP = 0, 16, 32, 48
+#: Where the tables hold 1.0, which ``tiles`` reads at run time (see ``tiles.one_bits``).
+TAB_ONE = TAB_DMAP + 256
 
 #: Widest K tile a kernel reads per step; a group larger than this is read in several steps.
 MAX_BLOCK_K = 128
@@ -83,16 +86,9 @@ def unsupported(scheme: str, shape: tuple[int, int], group_size: int, fused: boo
 def code_tables(device: torch.device | str) -> torch.Tensor:
     """One float32 tensor of every table the kernels read, at ``TAB_*``.
 
-    NF4, FP4, E2M1 (16 each), the dynamic map (256), then for each 4-bit
-    family a byte-pair table: entry ``2 * b`` and ``2 * b + 1`` are the values
-    of the first and second element packed in byte ``b`` (first in the high
-    nibble for nf4/fp4, the low nibble for mxfp4), so one 8-byte read decodes
-    a whole byte.
+    NF4, FP4, E2M1 (16 each), the dynamic map (256), then 1.0.
     """
-    byte = np.arange(256)
-    pairs = [np.stack([code[byte >> 4], code[byte & 15]], axis=1) for code in (NF4_CODE, FP4_CODE)]
-    pairs.append(np.stack([E2M1_VALUES[byte & 15], E2M1_VALUES[byte >> 4]], axis=1))
-    table = np.concatenate([NF4_CODE, FP4_CODE, E2M1_VALUES, DYNAMIC_MAP, *(p.reshape(-1) for p in pairs)])
+    table = np.concatenate([NF4_CODE, FP4_CODE, E2M1_VALUES, DYNAMIC_MAP, [1.0]])
     return torch.from_numpy(table.astype(np.float32)).to(device)
 
 

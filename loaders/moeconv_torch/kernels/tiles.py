@@ -30,7 +30,7 @@ from . import specs
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 TAB_DMAP = tl.constexpr(specs.TAB_DMAP)
-TAB_PAIRS = tl.constexpr(specs.TAB_PAIRS)
+TAB_ONE = tl.constexpr(specs.TAB_ONE)
 
 
 @triton.jit
@@ -48,17 +48,6 @@ def lookup(ptrs):
         v = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptrs], dtype=tl.float32,
                                       is_pure=True, pack=1)
     return v
-
-
-@triton.jit
-def lookup_pair(ptrs):
-    """Two consecutive float32 table entries per element (8-byte aligned), read as one, like ``lookup``."""
-    if INTERPRET:
-        first, second = tl.load(ptrs), tl.load(ptrs + 1)
-    else:
-        first, second = tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l", [ptrs],
-                                                  dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-    return first, second
 
 
 @triton.jit
@@ -117,7 +106,12 @@ def _tile_params(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0,
 
 @triton.jit
 def _value(c, s, z, tab_ptr, FAM: tl.constexpr):
-    """float32 weights of int32 codes ``c`` (one plane of a tile)."""
+    """float32 weights of int32 codes ``c`` (one plane of a tile).
+
+    Int codes go through an integer-to-float conversion here: the one-FMA
+    form of ``gemv_tile`` (``_unit_code``) made the tensor-core loop slower
+    (batch 16: 871 against 697 us on an H100).
+    """
     if FAM == 0:
         w = (c.to(tl.float32) - z) * s
     else:
@@ -182,15 +176,32 @@ def _packs3(q_ptr, byte0, ok, BK: tl.constexpr):
     return b0 | (b1 << 8) | (b2 << 16)
 
 
+#: How ``gemv_tile`` guards its reads (a constexpr chosen on the host, ``gemv_bounds``):
+#: every row of the block and every K tile of the loop lie inside the weight (no masks);
+#: K is a multiple of the tile width (one predicate per tile); or a compare per element.
+BOUNDS_NONE, BOUNDS_TILE, BOUNDS_ELEMENT = 0, 1, 2
+_UNGUARDED = tl.constexpr(BOUNDS_NONE)
+_TILE_GUARD = tl.constexpr(BOUNDS_TILE)
+
+
+def gemv_bounds(rows: int, block_n: int, k: int, block_k: int, unroll: int) -> int:
+    """The ``BOUNDS_*`` guard a gemv loop over a [rows, k] weight needs, read in N blocks and K steps."""
+    if rows % block_n == 0 and k % (block_k * unroll) == 0:
+        return BOUNDS_NONE
+    return BOUNDS_TILE if k % block_k == 0 else BOUNDS_ELEMENT
+
+
 @triton.jit
-def _x_plane(x_row, x_ok, k0, K, I: tl.constexpr, P: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+def _x_plane(x_row, x_ok, k0, K, I: tl.constexpr, P: tl.constexpr, BK: tl.constexpr, BOUNDS: tl.constexpr):
     """Activations at K offsets k0 + P*j + I (j < BK/P) as float32 [1, BK/P].
 
-    With ``EVEN_K`` (K a multiple of the tile width) a tile lies wholly before
-    or wholly past K, so one predicate per tile replaces a compare per element.
+    Unmasked loads need no zeroing of their registers and no predicates,
+    which is a measurable share of a decode loop's instructions.
     """
     kk = k0 + P * tl.arange(0, BK // P)[None, :] + I
-    if EVEN_K:
+    if BOUNDS == _UNGUARDED:
+        x = tl.load(x_row + kk)
+    elif BOUNDS == _TILE_GUARD:
         x = tl.load(x_row + kk, mask=x_ok & (kk * 0 + k0 < K), other=0.0)  # constant along K: one predicate
     else:
         x = tl.load(x_row + kk, mask=x_ok & (kk < K), other=0.0)
@@ -229,13 +240,27 @@ def _field(w, P: tl.constexpr, N: tl.constexpr, AT: tl.constexpr):
 
 
 @triton.jit
-def _unit_code(w0, w1, w2, I: tl.constexpr, B: tl.constexpr):
+def one_bits(tab_ptr):
+    """The bits of float32 1.0 as int32, read from the code tables rather than written as a constant.
+
+    Every unpacked code is ``field | bits(1.0)``: one LOP3 when one of its two
+    constants sits in a register.  Given the constant, ptxas rematerialised
+    it before most of those instructions (about 70 extra moves per 128 codes
+    of the decode loop); a value it cannot know stays in one register.  Read
+    through ``lookup``, which the pipeliner leaves alone (a plain load in a
+    K loop became an asynchronous copy through shared memory every step).
+    """
+    return lookup(tab_ptr + TAB_ONE).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _unit_code(w0, w1, w2, one, I: tl.constexpr, B: tl.constexpr):
     """``1 + c / 2^B`` (float32) for code I of each word (B = 2, 4, 8) or of each 3-word, 32-code pack (B = 3).
 
     The code's bits become the top of a float32 mantissa under the exponent
-    of 1.0, so no integer-to-float conversion is issued (a quarter-rate
-    instruction on Hopper).  A 3-bit code may straddle two words; it is
-    assembled from both.
+    of 1.0 (``one``: ``one_bits``), so no integer-to-float conversion is
+    issued (a quarter-rate instruction on Hopper).  A 3-bit code may straddle
+    two words; it is assembled from both.
     """
     TOP: tl.constexpr = 23 - B
     P: tl.constexpr = B * I
@@ -249,19 +274,19 @@ def _unit_code(w0, w1, w2, I: tl.constexpr, B: tl.constexpr):
         f = _field(w1, P - 32, 64 - P, TOP) | _field(w2, 0, P + 3 - 64, TOP + 64 - P)
     else:
         f = _field(w2, P - 64, B, TOP)
-    return (f | 0x3F800000).to(tl.float32, bitcast=True)
+    return (f | one).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, rows, k0, K, ok, row_words,
-                FAM: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+def _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, one, rows, k0, K, ok, row_words,
+                FAM: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr, BOUNDS: tl.constexpr):
     """``gemv_tile`` for tiles read as 32-bit words.
 
     Code plane i of the words (code i of each word; of each 3-word pack for
     3-bit) meets the activations at K offsets k0 + i, k0 + i + 32/B, ...  The
     planes are summed unscaled, one FMA per code, and the tile's scale is
-    applied once per word column: table codes (looked up a byte, two codes,
-    at a time) give ``s * sum T[c] x``; int codes, read as ``v = 1 + c/2^B``,
+    applied once per word column: table codes give ``s * sum T[c] x``; int
+    codes, read as ``v = 1 + c/2^B`` (``one``: ``one_bits``),
     give ``s 2^B sum v x - s (2^B + z) sum x`` = ``s sum (c - z) x``.
     """
     words = q_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * row_words + k0 * BITS // 32
@@ -270,30 +295,30 @@ def _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, rows, k0, K, ok, row_wor
         w0 = tl.load(words + j, mask=ok, other=0)
         w1 = tl.load(words + j + 1, mask=ok, other=0)
         w2 = tl.load(words + j + 2, mask=ok, other=0)
-        x = _x_plane(x_row, x_ok, k0, K, 0, 32, BK, EVEN_K)
-        part = _unit_code(w0, w1, w2, 0, 3) * x
+        x = _x_plane(x_row, x_ok, k0, K, 0, 32, BK, BOUNDS)
+        part = _unit_code(w0, w1, w2, one, 0, 3) * x
         xsum = x
         for i in tl.static_range(1, 32):
-            x = _x_plane(x_row, x_ok, k0, K, i, 32, BK, EVEN_K)
-            part = tl.fma(_unit_code(w0, w1, w2, i, 3), x, part)
+            x = _x_plane(x_row, x_ok, k0, K, i, 32, BK, BOUNDS)
+            part = tl.fma(_unit_code(w0, w1, w2, one, i, 3), x, part)
             xsum += x
     elif FAM == 0:
         PER_WORD: tl.constexpr = 32 // BITS
         w0 = tl.load(words + tl.arange(0, BK // PER_WORD)[None, :], mask=ok, other=0)
-        x = _x_plane(x_row, x_ok, k0, K, 0, PER_WORD, BK, EVEN_K)
-        part = _unit_code(w0, w0, w0, 0, BITS) * x
+        x = _x_plane(x_row, x_ok, k0, K, 0, PER_WORD, BK, BOUNDS)
+        part = _unit_code(w0, w0, w0, one, 0, BITS) * x
         xsum = x
         for i in tl.static_range(1, PER_WORD):
-            x = _x_plane(x_row, x_ok, k0, K, i, PER_WORD, BK, EVEN_K)
-            part = tl.fma(_unit_code(w0, w0, w0, i, BITS), x, part)
+            x = _x_plane(x_row, x_ok, k0, K, i, PER_WORD, BK, BOUNDS)
+            part = tl.fma(_unit_code(w0, w0, w0, one, i, BITS), x, part)
             xsum += x
-    else:  # 4-bit table codes: one byte-pair read per two codes
+    else:  # 4-bit table codes, element i of a word in nibble i (mxfp4) or i ^ 1 (nf4/fp4: first element high)
         w0 = tl.load(words + tl.arange(0, BK // 8)[None, :], mask=ok, other=0)
         part = tl.zeros(w0.shape, tl.float32)
-        for b in tl.static_range(4):
-            first, second = lookup_pair(tab_ptr + TAB_PAIRS + 512 * (FAM - 1) + 2 * ((w0 >> (8 * b)) & 255))
-            part = tl.fma(first, _x_plane(x_row, x_ok, k0, K, 2 * b, 8, BK, EVEN_K), part)
-            part = tl.fma(second, _x_plane(x_row, x_ok, k0, K, 2 * b + 1, 8, BK, EVEN_K), part)
+        for i in tl.static_range(8):
+            nibble = (w0 >> (4 * (i ^ (FAM != 3)))) & 15
+            part = tl.fma(lookup(tab_ptr + 16 * (FAM - 1) + nibble), _x_plane(x_row, x_ok, k0, K, i, 8, BK, BOUNDS),
+                          part)
     if FAM == 0:
         span = 1 << BITS
         acc = tl.fma(part, s * span, acc)
@@ -304,8 +329,8 @@ def _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, rows, k0, K, ok, row_wor
 
 
 @triton.jit
-def gemv_tile(acc, x_row, x_ok, q_ptr, s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, row_ok, k0, K,
-              SPEC: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+def gemv_tile(acc, x_row, x_ok, q_ptr, s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, one, rows, row_ok, k0, K,
+              SPEC: tl.constexpr, BK: tl.constexpr, BOUNDS: tl.constexpr):
     """acc + W[rows, k0:k0+BK] * x[k0:k0+BK], kept as partial sums [rows, gemv_width(SPEC, BK)].
 
     The decode path: each plane of codes (the codes at one position of every
@@ -315,22 +340,27 @@ def gemv_tile(acc, x_row, x_ok, q_ptr, s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_
     ever interleaved or moved between layouts.  Tiles are read as 32-bit
     words (``_words_tile``) except 3-bit codes in groups of other than a
     multiple of 32, read as 3-byte packs.  A tile at or past the row end (an
-    unrolled step overshooting K) adds and reads nothing.  Reduce ``acc`` over
-    its second axis after the K loop.
+    unrolled step overshooting K) adds and reads nothing.  ``one`` is
+    ``one_bits``, read once per program; ``BOUNDS`` (``gemv_bounds``) says
+    how reads are guarded.  Reduce ``acc`` over its second axis after the K
+    loop.
     """
     FAM: tl.constexpr = SPEC % 4
     BITS: tl.constexpr = SPEC // 4 % 16
     GS: tl.constexpr = SPEC // 256
-    live = row_ok & (rows * 0 + k0 < K)  # a tensor comparison: stays a boolean mask
+    if BOUNDS == _UNGUARDED:
+        live = tl.full(rows.shape, True, tl.int1)  # a constant mask: the loads compile without predicates
+    else:
+        live = row_ok & (rows * 0 + k0 < K)  # a tensor comparison: stays a boolean mask
     byte0, s, z = _tile_params(s_ptr, z_ptr, fa_ptr, fb_ptr, b_ptr, tab_ptr, rows, live, k0, K, SPEC)
     ok = live[:, None]
     if _word_tiles(SPEC, BK):
-        acc = _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, rows, k0, K, ok,
-                          tl.cdiv(K, GS) * (GS * BITS // 32), FAM, BITS, BK, EVEN_K)
+        acc = _words_tile(acc, x_row, x_ok, q_ptr, s, z, tab_ptr, one, rows, k0, K, ok,
+                          tl.cdiv(K, GS) * (GS * BITS // 32), FAM, BITS, BK, BOUNDS)
     else:  # 3-bit codes in groups that are not whole words: 8-code, 3-byte packs
         v = _packs3(q_ptr, byte0, ok, BK)
         for i in tl.static_range(8):
-            acc += _value((v >> (3 * i)) & 7, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, i, 8, BK, EVEN_K)
+            acc += _value((v >> (3 * i)) & 7, s, z, tab_ptr, FAM) * _x_plane(x_row, x_ok, k0, K, i, 8, BK, BOUNDS)
     return acc
 
 
