@@ -177,8 +177,10 @@ def _packs3(q_ptr, byte0, ok, BK: tl.constexpr):
 
 
 #: How ``gemv_tile`` guards its reads (a constexpr chosen on the host, ``gemv_bounds``):
-#: every row of the block and every K tile of the loop lie inside the weight (no masks);
-#: K is a multiple of the tile width (one predicate per tile); or a compare per element.
+#: every row of the block and every K tile of the loop lie inside the weight (no masks,
+#: and the token mask ``x_ok`` is not read either: a gemv program's one pair is always a
+#: real pair); K is a multiple of the tile width (one predicate per tile); or a compare
+#: per element.
 BOUNDS_NONE, BOUNDS_TILE, BOUNDS_ELEMENT = 0, 1, 2
 _UNGUARDED = tl.constexpr(BOUNDS_NONE)
 _TILE_GUARD = tl.constexpr(BOUNDS_TILE)
