@@ -37,6 +37,7 @@ from moeconv_numpy.schemes import tensor_layout
 from moeconv_torch import kernels
 from moeconv_torch.kernels import PackedExperts, PackedWeight
 from moeconv_torch.kernels import dequant as kdequant
+from moeconv_torch.kernels import fragment_moe as kfrag
 from moeconv_torch.kernels import moe as kmoe
 
 H, I, E, TOPK = 4096, 14336, 8, 2
@@ -50,6 +51,9 @@ EXPERT_SETS = {
     "mixed_4.25": [("int2", 64, False)] * 2 + [("int3", 64, False)] * 2 + [("int4", 64, False)] * 2
     + [("int8", 64, False)] * 2,
     "mixed_4.0": [("int3", 64, False)] * 4 + [("int4", 64, False)] * 3 + [("int8", 64, False)],
+    "mixed_int_4.0": [("int2", 64, False)] * 2 + [("int4", 64, False)] * 4 + [("int8", 64, False)] * 2,
+    # The same int4 experts outside the fragment layout: the kernels of sessions 1-5, for A/B runs.
+    "int4_legacy": [("int4", 64, False)] * E,
 }
 
 
@@ -177,14 +181,15 @@ def bench_dequant(copy_bw, sweep, gen, bnb):
     return out
 
 
-def build_experts(quants, gen) -> tuple[PackedExperts, int]:
+def build_experts(quants, gen, fragments_allowed=None) -> tuple[PackedExperts, int]:
     """A packed expert set from per-expert (scheme, group, dq); also its stored bytes."""
     lists = {"gate": [], "up": [], "down": []}
     for scheme, gs, dq in quants:
         for proj in lists:
             shape = (H, I) if proj == "down" else (I, H)
             lists[proj].append(PackedWeight(random_parts(scheme, shape, gs, dq, gen), scheme, gs, dq))
-    packed = PackedExperts.build(lists["gate"], lists["up"], lists["down"], hidden=H, intermediate=I)
+    packed = PackedExperts.build(lists["gate"], lists["up"], lists["down"], hidden=H, intermediate=I,
+                                 fragments_allowed=fragments_allowed)
     stored = sum(nbytes(w.parts) for ws in lists.values() for w in ws)
     return packed, stored
 
@@ -314,6 +319,16 @@ DECODE_SWEEP = {
 PREFILL_SWEEP = [kmoe.MoeConfig("dot", bm, bn, bn, 64, 1, w, s)
                  for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                                       (256, 128, 8, 3), (128, 256, 8, 3)]]
+FRAGMENT_SWEEP = {
+    1: [kfrag.FragmentConfig(16, bn_up, bn_dn, split, w, st)
+        for bn_up, bn_dn, split, w, st in [(64, 64, 4, 4, 3), (64, 64, 8, 4, 4), (128, 64, 4, 8, 3), (64, 128, 4, 8, 3),
+                                            (64, 64, 2, 4, 2), (128, 128, 4, 8, 4)]],
+    16: [kfrag.FragmentConfig(16, bn_up, bn_dn, split, w, st)
+         for bn_up, bn_dn, split, w, st in [(64, 64, 2, 4, 3), (128, 128, 1, 8, 3), (64, 64, 1, 4, 4)]],
+    "prefill": [kfrag.FragmentConfig(bm, bn, bn, 1, w, st)
+                for bm, bn, w, st in [(128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3),
+                                      (256, 128, 8, 3)]],
+}
 #: Sections a run can be limited to with ``--parts``.
 PARTS = ("dequant", "decode", "prefill")
 
@@ -323,6 +338,24 @@ def with_split(cfg: kmoe.MoeConfig, pairs: int, n_sms: int) -> kmoe.MoeConfig:
     blocks = pairs if cfg.mode == "gemv" else min(pairs, math.ceil(pairs / cfg.block_m) + E)
     split = kmoe._split_for(blocks * math.ceil(H / cfg.down_block_n), I, kmoe.k_step(cfg), n_sms)
     return dataclasses.replace(cfg, split_k=split)
+
+
+def sweep_fragments(res, sets, names, configs, run, figure, baseline_us, label) -> None:
+    """Time ``run(experts, fragment_config)`` for each config on each named set (fragment experts only)."""
+    res["fragment_sweep"] = []
+    for name in names:
+        experts, _ = sets[name]
+        for cfg in configs:
+            try:
+                us = run(experts, cfg)
+            except Exception as exc:  # e.g. out of shared memory for a large tile
+                res["fragment_sweep"].append({"set": name, "config": cfg.__dict__, "error": repr(exc)[:200]})
+                continue
+            res["fragment_sweep"].append({"set": name, "config": cfg.__dict__, "graph_us": us})
+            log(f"  fragment sweep {label} {name:5s} {cfg} {us:9.1f} us")
+            best = res.setdefault(f"{name}_fragment_best", {})
+            if "graph_us" not in best or us < best["graph_us"]:
+                best.update(graph_us=us, config=cfg.__dict__, **{figure: baseline_us / us})
 
 
 def sweep_configs(res, sets, names, configs, pairs, n_sms, run, figure, baseline_us, label) -> None:
@@ -348,7 +381,7 @@ def sweep_configs(res, sets, names, configs, pairs, n_sms, run, figure, baseline
                 best.update(graph_us=us, config=cfg.__dict__, **{figure: baseline_us / us})
 
 
-def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms, batches=(1, 16)):
+def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms, batches=(1, 16), fragment_sweep=False):
     out = {}
     for batch in batches:
         xs, ids, wts = routings(batch, 4, gen)
@@ -372,6 +405,8 @@ def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms, batches=(1, 16)):
                 log(f"decode b={batch:2d} {name}: {exc!r}")
                 continue
             t["config"] = kmoe.choose_config(batch * TOPK, experts, n_sms).__dict__
+            if any(experts.fragment):
+                t["fragment_config"] = kfrag.choose_fragment_config(batch * TOPK, experts, n_sms).__dict__
             t["speedup_vs_bf16"] = res["bf16"]["graph_us"] / t["graph_us"]
             t["weight_TBps"] = touched / t["graph_us"] / 1e6
             res[name] = t
@@ -386,18 +421,24 @@ def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms, batches=(1, 16)):
                     log(f"decode b={batch:2d} {name + '_per_scheme_launches':12s} {us:8.1f} us")
                 except Exception as exc:
                     res[f"{name}_per_scheme_launches"] = {"error": repr(exc)[:300]}
+        if fragment_sweep:
+            def run_fragment(experts, cfg, xs=xs, ids=ids, wts=wts):
+                return graph_ms([lambda x=x, i=i, w=w: kmoe.fused_moe(x, i, w, experts, fragment_config=cfg)
+                                 for x, i, w in zip(xs, ids, wts)]) * 1e3
+            sweep_fragments(res, sets, [n for n in ("int4", "mixed_int_4.0") if n in sets], FRAGMENT_SWEEP[batch],
+                            run_fragment, "speedup_vs_bf16", res["bf16"]["graph_us"], f"b={batch:2d}")
         if sweep:
             def run(experts, cfg, xs=xs, ids=ids, wts=wts):
                 return graph_ms([lambda x=x, i=i, w=w: kmoe.fused_moe(x, i, w, experts, cfg)
                                  for x, i, w in zip(xs, ids, wts)]) * 1e3
-            swept = [n for n in ("int4", "nf4") if n in sets]
+            swept = [n for n in ("int4_legacy", "nf4") if n in sets]
             sweep_configs(res, sets, swept, DECODE_SWEEP[batch], batch * TOPK, n_sms, run,
                           "speedup_vs_bf16", res["bf16"]["graph_us"], f"b={batch:2d}")
         out[f"batch_{batch}"] = res
     return out
 
 
-def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048):
+def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048, fragment_sweep=False):
     ids = random_topk(tokens, gen)
     wts = torch.softmax(torch.randn(ids.shape, device=DEV, generator=gen), -1)
     x = torch.randn(tokens, H, device=DEV, dtype=torch.bfloat16, generator=gen)
@@ -423,6 +464,8 @@ def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048):
             log(f"prefill {name}: {exc!r}")
             continue
         t["config"] = kmoe.choose_config(tokens * TOPK, experts, n_sms).__dict__
+        if any(experts.fragment):
+            t["fragment_config"] = kfrag.choose_fragment_config(tokens * TOPK, experts, n_sms).__dict__
         t["TFLOPs"] = flops / t["graph_us"] / 1e6
         t["throughput_vs_best_bf16"] = base / t["graph_us"]
         t["throughput_vs_bf16_loop"] = res["bf16_loop"]["graph_us"] / t["graph_us"]
@@ -431,17 +474,23 @@ def bench_prefill(bf16, sets, sweep, gen, n_sms, tokens=2048):
     if "int4" in sets:
         res["check_int4_rel_err"] = check_against_bf16(sets["int4"][0], x, ids, wts, bf16)
         log(f"prefill check int4: relative error {res['check_int4_rel_err']:.2e} vs BF16 on dequantized weights")
-    if sweep and "int4" in sets:
-        sweep_configs(res, sets, ("int4",), PREFILL_SWEEP, tokens * TOPK, n_sms,
+    if sweep and "int4_legacy" in sets:
+        sweep_configs(res, sets, ("int4_legacy",), PREFILL_SWEEP, tokens * TOPK, n_sms,
                       lambda experts, cfg: graph_ms([lambda: kmoe.fused_moe(x, ids, wts, experts, cfg)]) * 1e3,
                       "throughput_vs_best_bf16", base, "prefill")
+    if fragment_sweep and "int4" in sets:
+        sweep_fragments(res, sets, ("int4",), FRAGMENT_SWEEP["prefill"],
+                        lambda experts, cfg: graph_ms([lambda: kmoe.fused_moe(x, ids, wts, experts,
+                                                                              fragment_config=cfg)]) * 1e3,
+                        "throughput_vs_best_bf16", base, "prefill")
     return res
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/moe_kernels_h100.json")
-    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings")
+    parser.add_argument("--out", default="benchmarks/results/moe_kernels_h200.json")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tilings of the other kernels")
+    parser.add_argument("--fragment-sweep", action="store_true", help="also time alternative fragment tilings")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if importable")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated sections to run (default all: {','.join(PARTS)})")
@@ -492,11 +541,11 @@ def main(argv=None) -> int:
         sets = {}
         for name in set_names:
             quants = EXPERT_SETS[name]
-            experts, stored = build_experts(quants, gen)
+            experts, stored = build_experts(quants, gen, False if name.endswith("_legacy") else None)
             sets[name] = (experts, expert_bytes(experts))
             report.setdefault("expert_sets", {})[name] = {
                 "schemes": [q[0] for q in quants], "stored_bytes": stored,
-                "bits_per_weight": 8 * stored / (E * 3 * H * I)}
+                "bits_per_weight": 8 * stored / (E * 3 * H * I), "fragment_experts": sum(experts.fragment)}
         xs, ids, wts = routings(16, 1, gen)
         report["checks"] = {}
         for name in [n for n in ("int4", "mixed_4.25", "nf4") if n in sets]:
@@ -508,12 +557,13 @@ def main(argv=None) -> int:
         if "decode" in parts:
             bnb_loop = bnb_layer(gen) if bnb is not None else None
             report["decode"] = bench_decode(bf16, sets, args.sweep, gen, bnb_loop, props.multi_processor_count,
-                                            batches)
+                                            batches, args.fragment_sweep)
             save(report, args.out)
             del bnb_loop
         if "prefill" in parts:
             try:
-                report["prefill"] = bench_prefill(bf16, sets, args.sweep, gen, props.multi_processor_count)
+                report["prefill"] = bench_prefill(bf16, sets, args.sweep, gen, props.multi_processor_count,
+                                                  fragment_sweep=args.fragment_sweep)
             except Exception as exc:  # keep the decode figures if prefill breaks
                 report["prefill"] = {"error": repr(exc)[:500]}
                 log(f"prefill failed: {exc!r}")

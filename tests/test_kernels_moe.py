@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from test_kernels_dequant import DEVICE, random_parts, ref_dequantize, to_torch  # noqa: E402
 
 from moeconv_torch.kernels import PackedExperts, PackedWeight, fused_moe  # noqa: E402
-from moeconv_torch.kernels import moe, tiles  # noqa: E402
+from moeconv_torch.kernels import fragments, moe, tiles  # noqa: E402
 
 H, I = 64, 128
 
@@ -37,18 +37,33 @@ def weight_like(scheme, shape, group_size, double_quant, rng):
     return parts, (scheme, group_size, double_quant)
 
 
-def make_layer(quants, rng, hidden=H, inter=I):
-    """quants: per expert ((gate scheme, gs, dq), (up ...), (down ...)) -> (PackedExperts, float32 weights)."""
+def make_layer(quants, rng, hidden=H, inter=I, fragments_allowed=True):
+    """quants: per expert ((gate scheme, gs, dq), (up ...), (down ...)) -> (PackedExperts, float32 weights).
+
+    The float32 weights are what the kernels multiply by: the spec's weights
+    rounded to bfloat16, or for experts in the fragment layout the fragment
+    kernels' own rounding (``fragments.kernel_weights``, checked against the
+    spec in tests/test_kernels_fragments.py).
+    """
     packed = {"gate": [], "up": [], "down": []}
-    dense = {"gate": [], "up": [], "down": []}
+    stored = {"gate": [], "up": [], "down": []}
     for q in quants:
         for proj, (scheme, gs, dq) in zip(("gate", "up", "down"), q):
             shape = (hidden, inter) if proj == "down" else (inter, hidden)
             parts, _ = weight_like(scheme, shape, gs, dq, rng)
             packed[proj].append(PackedWeight(to_torch(parts), scheme, gs, dq))
-            w = torch.from_numpy(ref_dequantize(parts, scheme, shape, gs, dq))
-            dense[proj].append(w.to(torch.bfloat16).float())
-    return PackedExperts.build(packed["gate"], packed["up"], packed["down"], hidden=hidden, intermediate=inter), dense
+            stored[proj].append((parts, scheme, shape, gs, dq))
+    experts = PackedExperts.build(packed["gate"], packed["up"], packed["down"], hidden=hidden, intermediate=inter,
+                                  fragments_allowed=fragments_allowed)
+    dense = {proj: [] for proj in stored}
+    for proj, weights in stored.items():
+        for e, (parts, scheme, shape, gs, dq) in enumerate(weights):
+            if experts.fragment[e]:
+                w = fragments.kernel_weights(to_torch(parts, "cpu"), scheme, shape, gs, torch.bfloat16)
+            else:
+                w = torch.from_numpy(ref_dequantize(parts, scheme, shape, gs, dq)).to(torch.bfloat16).float()
+            dense[proj].append(w)
+    return experts, dense
 
 
 def reference(x, ids, wts, dense):
@@ -104,7 +119,7 @@ def test_more_variants_than_one_launch_and_float16():
     quants = [(("int4", 64, False),) * 3, (("int8", 64, False),) * 3, (("int2", 64, False),) * 3,
               (("nf4", 64, False),) * 3, (("mxfp4", 32, False),) * 3, (("int3", 64, False),) * 3]
     rng = np.random.default_rng(5)
-    experts, dense = make_layer(quants, rng)
+    experts, dense = make_layer(quants, rng, fragments_allowed=False)  # every expert in these kernels
     assert len(experts.up_variants) > moe.MAX_VARIANTS
     x = torch.from_numpy(rng.standard_normal((4, H))).to(torch.float16).to(DEVICE)
     ids = torch.tensor([[0, 5], [4, 1], [2, 3], [5, 4]], device=DEVICE)

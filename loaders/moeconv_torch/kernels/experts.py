@@ -9,6 +9,14 @@ absmax_scale and absmax_offset), each part starting on a 128-byte boundary so
 that code rows keep 16-byte loads.  ``offsets`` says where each part of each
 projection of each expert starts, and ``variant`` which compiled
 specialisation of the kernel reads it.
+
+Experts whose three projections have a fragment layout (int2/int4/int8 in
+whole 16 x 64 tiles, ``fragments.fragment_unsupported``) keep their codes in
+that layout instead, in a fourth buffer (``lanes``, int32), and run in the
+fragment kernels (``fragment_moe``); their scales and zeros stay in ``f16``,
+from which the scale pairs those kernels read are derived per
+activation dtype (``scale_pairs``).  ``weight`` gives such an expert's
+stored qweight back, rebuilt bit for bit from the lanes.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch
 
 from moeconv_numpy.schemes import scheme_info, tensor_layout
 
-from . import specs
+from . import fragments, specs
 
 #: Projection order of ``offsets``' first axis: Mixtral's w1 (gate), w3 (up), w2 (down).
 PROJECTIONS = ("gate", "up", "down")
@@ -67,24 +75,40 @@ class PackedExperts:
         offsets: int64 [3, E, 6], element offset of role ``ROLES[j]`` of
             projection ``PROJECTIONS[p]`` of expert ``e`` in its buffer
             (0 for roles the scheme lacks; never read).
+        fragment: per expert, whether it runs in the fragment kernels.
+        lanes: int32 lane words of the fragment experts' codes; ``fragment_offsets``:
+            int64 [3, E, 2], start of each of their projections' lanes (in int32
+            words) and scale pairs (in pairs times 2), 0 for the other experts.
         up_variants: distinct (gate code, up code) pairs; down_variants: distinct
-            down codes (codes from ``specs.spec_code``).
-        variant: int32 [2, E]: row 0 indexes ``up_variants``, row 1 ``down_variants``.
+            down codes (codes from ``specs.spec_code``), of the other experts.
+        variant: int32 [2, E]: row 0 indexes ``up_variants``, row 1 ``down_variants``;
+            -1 for fragment experts.  ``fragment_up_variants``, ``fragment_down_variants``
+            and ``fragment_variant`` are the same for the fragment experts.
     """
 
     def __init__(self, hidden: int, intermediate: int, quant: dict[str, list[tuple[str, int, bool]]],
-                 buffers: dict[str, torch.Tensor], offsets: torch.Tensor):
+                 buffers: dict[str, torch.Tensor], offsets: torch.Tensor,
+                 fragment: Sequence[bool], fragment_offsets: torch.Tensor):
         self.hidden, self.intermediate = hidden, intermediate
         self.num_experts = len(quant["gate"])
         self.quant = quant
-        self.u8, self.f16, self.f32 = buffers["u8"], buffers["f16"], buffers["f32"]
+        self.u8, self.f16, self.f32, self.lanes = buffers["u8"], buffers["f16"], buffers["f32"], buffers["lanes"]
         self.offsets = offsets
-        gate, up, down = ([specs.spec_code(*q) for q in quant[p]] for p in PROJECTIONS)
-        self.up_variants = tuple(sorted(set(zip(gate, up))))
-        self.down_variants = tuple(sorted(set(down)))
-        rows = [[self.up_variants.index(pair) for pair in zip(gate, up)],
-                [self.down_variants.index(code) for code in down]]
-        self.variant = torch.tensor(rows, dtype=torch.int32, device=self.device)
+        self.fragment = tuple(fragment)
+        self.fragment_offsets = fragment_offsets
+        self._pairs: dict[torch.dtype, torch.Tensor] = {}
+        codes = [[specs.spec_code(*q) for q in quant[p]] for p in PROJECTIONS]
+        self.up_variants, self.down_variants, self.variant = self._variants(codes, [not f for f in fragment])
+        self.fragment_up_variants, self.fragment_down_variants, self.fragment_variant = self._variants(codes, fragment)
+
+    def _variants(self, codes: list[list[int]], members: Sequence[bool]):
+        """(up variants, down variants, int32 [2, E] index table with -1 for non-members) over ``members``."""
+        gate, up, down = codes
+        pairs = sorted({(gate[e], up[e]) for e in range(self.num_experts) if members[e]})
+        downs = sorted({down[e] for e in range(self.num_experts) if members[e]})
+        rows = [[pairs.index((gate[e], up[e])) if members[e] else -1 for e in range(self.num_experts)],
+                [downs.index(down[e]) if members[e] else -1 for e in range(self.num_experts)]]
+        return tuple(pairs), tuple(downs), torch.tensor(rows, dtype=torch.int32, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -92,34 +116,70 @@ class PackedExperts:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on the device (storage, offsets and variant tables)."""
-        return sum(t.numel() * t.element_size() for t in (self.u8, self.f16, self.f32, self.offsets))
+        """Bytes held on the device (storage, offsets and the scale pairs built so far)."""
+        held = (self.u8, self.f16, self.f32, self.lanes, self.offsets, self.fragment_offsets, *self._pairs.values())
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def scale_pairs(self, dtype: torch.dtype) -> torch.Tensor:
+        """The fragment experts' scale pairs (``fragments.scale_pairs``) in ``dtype`` (flat, at ``fragment_offsets[..., 1]``), built once."""
+        if dtype not in self._pairs:
+            total = 0
+            pieces = []
+            for p, proj in enumerate(PROJECTIONS):
+                for e in range(self.num_experts):
+                    if self.fragment[e]:
+                        w = self.weight(proj, e, codes=False)
+                        pair = fragments.scale_pairs(w.parts["scales"], w.parts.get("zeros"),
+                                                     scheme_info(w.scheme).bits, dtype)
+                        pieces.append((int(self.fragment_offsets[p, e, 1]), pair.reshape(-1)))
+                        total = max(total, pieces[-1][0] + pair.numel())
+            flat = torch.zeros(max(total, 2), dtype=dtype, device=self.device)
+            for start, pair in pieces:
+                flat[start:start + pair.numel()] = pair
+            self._pairs[dtype] = flat
+        return self._pairs[dtype]
 
     def shape(self, proj: str) -> tuple[int, int]:
         """Logical [out, in] shape of a projection's weights."""
         return (self.hidden, self.intermediate) if proj == "down" else (self.intermediate, self.hidden)
 
-    def weight(self, proj: str, expert: int) -> PackedWeight:
-        """One expert's weight as views into the packed storage (for a torch fallback or checks)."""
+    def weight(self, proj: str, expert: int, codes: bool = True) -> PackedWeight:
+        """One expert's weight in the stored layout (for a torch fallback or checks).
+
+        Views into the packed storage, except a fragment expert's qweight,
+        rebuilt from its lanes (left out when ``codes`` is false).
+        """
         scheme, group_size, double_quant = self.quant[proj][expert]
-        layout = tensor_layout(scheme, self.shape(proj), group_size, double_quant)
+        shape = self.shape(proj)
+        layout = tensor_layout(scheme, shape, group_size, double_quant)
         p = PROJECTIONS.index(proj)
         buffers = {"U8": self.u8, "F16": self.f16, "F32": self.f32}
         parts = {}
         for role, suffix in _role_suffixes(scheme, double_quant).items():
-            dtype, shape = layout[suffix]
+            dtype, dims = layout[suffix]
+            if suffix == "qweight" and self.fragment[expert]:
+                if codes:
+                    bits = scheme_info(scheme).bits
+                    start, count = int(self.fragment_offsets[p, expert, 0]), fragments.lane_elements(bits, shape)
+                    lanes = self.lanes[start:start + count * fragments.LANE_DTYPE[bits].itemsize // 4]
+                    lanes = lanes.view(fragments.LANE_DTYPE[bits]).view(*fragments.lane_shape(bits, shape))
+                    parts[suffix] = fragments.from_fragments(lanes, bits, shape, dims[1])
+                continue
             start = int(self.offsets[p, expert, ROLES.index(role)])
-            parts[suffix] = buffers[dtype][start:start + math.prod(shape)].view(shape)
+            parts[suffix] = buffers[dtype][start:start + math.prod(dims)].view(dims)
         return PackedWeight(parts, scheme, group_size, double_quant)
 
     @classmethod
     def build(cls, gate: Sequence[PackedWeight], up: Sequence[PackedWeight], down: Sequence[PackedWeight],
-              *, hidden: int, intermediate: int) -> PackedExperts:
+              *, hidden: int, intermediate: int, fragments_allowed: bool | None = None) -> PackedExperts:
         """Check every weight against the format and the kernels' limits, then copy all parts into flat buffers.
 
         The inputs can be freed afterwards: the result keeps only its own
-        buffers (``weight(proj, e)`` gives views back).  Raises ``ValueError``
-        naming the projection and expert of a weight that does not fit.
+        buffers (``weight(proj, e)`` gives the parts back).  Experts whose
+        projections all have a fragment layout get one where
+        ``fragments_allowed`` says so (default: ``fragments.enabled`` for the
+        weights' device; false: every expert runs in the original kernels).  Raises ``ValueError`` naming the projection and
+        expert of a weight that does not fit.
         """
         if not (len(gate) == len(up) == len(down) >= 1):
             raise ValueError(f"gate, up and down need one weight per expert, got {len(gate)}, {len(up)}, {len(down)}")
@@ -140,6 +200,15 @@ class PackedExperts:
                 quant[proj].append((w.scheme, w.group_size, bool(w.double_quant)))
                 for role, suffix in _role_suffixes(w.scheme, w.double_quant).items():
                     layout.append((p, e, ROLES.index(role), parts[suffix].reshape(-1)))
+        if fragments_allowed is None:
+            fragments_allowed = fragments.enabled(device)
+        fragment = [fragments_allowed and all(
+            fragments.fragment_unsupported(quant[proj][e][0], (hidden, intermediate) if proj == "down"
+                                           else (intermediate, hidden), quant[proj][e][1]) is None
+            for proj in PROJECTIONS) for e in range(len(gate))]
+        q_role = ROLES.index("q")
+        lane_parts = [(p, e, flat) for p, e, r, flat in layout if r == q_role and fragment[e]]
+        layout = [(p, e, r, flat) for p, e, r, flat in layout if not (r == q_role and fragment[e])]
         offsets = torch.zeros(3, len(gate), len(ROLES), dtype=torch.int64)
         sizes = {"u8": 0, "f16": 0, "f32": 0}
         for p, e, r, flat in layout:
@@ -152,4 +221,31 @@ class PackedExperts:
         for p, e, r, flat in layout:
             start = int(offsets[p, e, r])
             buffers[_BUFFER[flat.dtype]][start:start + flat.numel()] = flat
-        return cls(hidden, intermediate, quant, buffers, offsets.to(device))
+        buffers["lanes"], fragment_offsets = cls._lanes(lane_parts, quant, hidden, intermediate, device)
+        return cls(hidden, intermediate, quant, buffers, offsets.to(device), fragment, fragment_offsets.to(device))
+
+    @staticmethod
+    def _lanes(lane_parts, quant, hidden: int, intermediate: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lane words of the fragment experts' qweights in one int32 buffer, and their offsets.
+
+        Lanes start on 128-byte boundaries; scale pairs are numbered in the
+        same order (``scale_pairs``), each projection's ``[rows, groups, 2]``.
+        """
+        fragment_offsets = torch.zeros(3, len(quant["gate"]), 2, dtype=torch.int64)
+        words, pairs = 0, 0
+        placed = []
+        for p, e, flat in lane_parts:
+            proj = PROJECTIONS[p]
+            scheme, group_size, _ = quant[proj][e]
+            bits = scheme_info(scheme).bits
+            shape = (hidden, intermediate) if proj == "down" else (intermediate, hidden)
+            start = -(-words // 32) * 32
+            lanes = fragments.to_fragments(flat.view(shape[0], -1), bits, shape).reshape(-1).view(torch.int32)
+            fragment_offsets[p, e] = torch.tensor([start, pairs])
+            placed.append((start, lanes))
+            words = start + lanes.numel()
+            pairs += shape[0] * math.ceil(shape[1] / group_size) * 2
+        buffer = torch.zeros(max(words, 1), dtype=torch.int32, device=device)
+        for start, lanes in placed:
+            buffer[start:start + lanes.numel()] = lanes
+        return buffer, fragment_offsets

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .dequant import tables
 from .experts import PackedExperts
+from .fragment_moe import FragmentConfig, choose_fragment_config, run_fragments
 from .tiles import dequant_tile, gemv_bounds, gemv_tile, gemv_width, mma, one_bits, round_to
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -353,22 +354,40 @@ def _num_sms(device: torch.device) -> int:
 
 
 def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: PackedExperts,
-              config: MoeConfig | None = None) -> torch.Tensor:
-    """The routed-experts output [T, H] of a MoE layer, in ``hidden``'s dtype (bfloat16 or float16)."""
+              config: MoeConfig | None = None, fragment_config: FragmentConfig | None = None) -> torch.Tensor:
+    """The routed-experts output [T, H] of a MoE layer, in ``hidden``'s dtype (bfloat16 or float16).
+
+    Experts in the fragment layout run in ``fragment_moe``'s kernels, the
+    others in this module's; both add into one float32 output.
+    """
     _check_inputs(hidden, topk_ids, topk_weights, experts)
     t, hid = hidden.shape
     topk = topk_ids.shape[1]
     pairs = t * topk
     if t == 0:
         return hidden.new_empty(0, hid)
-    cfg = config or choose_config(pairs, experts, _num_sms(hidden.device))
+    flat_ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    out = torch.zeros(t, hid, dtype=torch.float32, device=hidden.device)
+    if experts.fragment_up_variants:
+        fcfg = fragment_config or choose_fragment_config(pairs, experts, _num_sms(hidden.device))
+        x = hidden if hidden.stride(1) == 1 else hidden.contiguous()
+        run_fragments(x, flat_ids, weights, topk, experts, fcfg, out, align_pairs, INTERPRET)
+    if experts.up_variants:
+        cfg = config or choose_config(pairs, experts, _num_sms(hidden.device))
+        _run(hidden, flat_ids, weights, topk, experts, cfg, out)
+    return out.to(hidden.dtype)
+
+
+def _run(hidden: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, topk: int, experts: PackedExperts,
+         cfg: MoeConfig, out: torch.Tensor) -> None:
+    """Add the share of the experts outside the fragment layout to ``out`` (float32 [T, H])."""
+    pairs, hid = flat_ids.numel(), experts.hidden
     gemv = cfg.mode == "gemv"
     if gemv:  # gemv reads each activation once per code plane: float32 spares a conversion per read
         x = hidden.float()
     else:
         x = hidden if hidden.stride(1) == 1 else hidden.contiguous()
-    flat_ids = topk_ids.reshape(-1).contiguous()
-    weights = topk_weights.reshape(-1).contiguous()
     if gemv:
         if cfg.block_m != 1:
             raise ValueError("the gemv path takes one (token, expert) pair per program: block_m must be 1")
@@ -377,7 +396,6 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         ids, blk, n_blocks = align_pairs(flat_ids, experts.num_experts, cfg.block_m)
     inter = experts.intermediate
     h = torch.empty(n_blocks * cfg.block_m, inter, dtype=torch.float32 if gemv else hidden.dtype, device=hidden.device)
-    out = torch.zeros(t, hid, dtype=torch.float32, device=hidden.device)
     tab = tables(hidden.device)
     common = dict(TOPK=topk, SORTED=cfg.mode == "dot", BM=cfg.block_m, BK_MAX=cfg.block_k, UNROLL=cfg.unroll,
                   USE_DOT=not gemv, ACT_BF16=hidden.dtype == torch.bfloat16, INTERPRET=INTERPRET,
@@ -403,7 +421,6 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
                                k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n,
                                BOUNDS=gemv_bounds(hid, cfg.down_block_n, inter, cfg.block_k, cfg.unroll),
                                **{f"D{i}": code for i, code in enumerate(padded)}, **common)
-    return out.to(hidden.dtype)
 
 
 def _check_inputs(hidden, topk_ids, topk_weights, experts: PackedExperts) -> None:

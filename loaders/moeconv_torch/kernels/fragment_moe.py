@@ -1,0 +1,246 @@
+"""Fused MoE kernels for the experts stored in the fragment layout (int2/int4/int8; see ``fragments``).
+
+The same two stages as ``moe`` (gate and up with SiLU, then down with the
+router weights and an atomic add into the float32 output), on pairs sorted by
+expert and padded to blocks of ``block_m`` (``moe.align_pairs``), for every
+number of tokens.  The products are turned around: a weight tile is the
+tensor cores' A operand (its rows are M) and the block's tokens are N, so a
+decode step (one token per expert, padded to the smallest N of 16) wastes
+tensor-core work, which is free, instead of weight bandwidth.  Weights come
+from ``fragment_tile``: dequantized in the registers where the product reads
+them, about two instructions per weight, nothing through shared memory.
+
+Mixed precision works as in ``moe``: each launch is compiled for up to
+``MAX_VARIANTS`` (gate, up) or down spec codes and branches on the block's
+variant once, outside the K loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .experts import PackedExperts
+from .fragment_tiles import fragment_tile
+from .fragments import TILE_K
+from .tiles import mma, round_to
+
+#: Variants compiled into one launch (more take further launches).
+MAX_VARIANTS = 4
+
+
+@dataclass(frozen=True)
+class FragmentConfig:
+    """Tiling of the fragment kernels; ``choose_fragment_config`` picks it, benchmarks may override."""
+
+    block_m: int  # tokens per block: the products' N (>= 16)
+    up_block_n: int  # gate/up rows per program (a multiple of 16; 64 per four warps for wgmma)
+    down_block_n: int  # down rows per program
+    split_k: int  # K chunks of the down projection
+    num_warps: int
+    num_stages: int
+    variants_per_launch: int = MAX_VARIANTS
+
+
+def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> FragmentConfig:
+    """Tiling by (token, expert) pairs per expert; the down projection is split along K to fill the GPU."""
+    per_expert = num_pairs / experts.num_experts
+    if per_expert <= 16:
+        bm, bn, warps = 16, 64, 4
+    elif per_expert <= 64:
+        bm, bn, warps = 64, 64, 4
+    else:
+        bm, bn, warps = 128, 128, 8
+    blocks = min(num_pairs, triton.cdiv(num_pairs, bm) + experts.num_experts)
+    programs = blocks * triton.cdiv(experts.hidden, bn)
+    tiles = experts.intermediate // TILE_K
+    split = max(1, min(triton.cdiv(4 * num_sms, programs), tiles // 4))
+    return FragmentConfig(bm, bn, bn, split, warps, 3)
+
+
+@triton.jit
+def _weight(off_ptr, lane_base, pair_base, row):
+    """(lanes, scale pairs) of one projection of one expert, from row ``row`` of the fragment offsets.
+
+    Both offsets are multiples of 32 elements (``PackedExperts._lanes``), which
+    lets the lane loads be 16-byte copies.
+    """
+    lanes = lane_base + tl.multiple_of(tl.load(off_ptr + row), 32)
+    return lanes, pair_base + tl.multiple_of(tl.load(off_ptr + row + 1), 32)
+
+
+@triton.jit
+def _block(ids_ptr, blk_ptr, var_ptr, pid_m, A, VBASE, NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr):
+    """Expert, local variant (-1: not this launch's), row slots, pair ids, validity and tokens of a block."""
+    e = tl.load(blk_ptr + pid_m).to(tl.int32)
+    v = tl.load(var_ptr + tl.maximum(e, 0)) - VBASE
+    v = tl.where((e < 0) | (v < 0) | (v >= NUM_V), -1, v)
+    slot = pid_m * BM + tl.arange(0, BM)
+    aid = tl.load(ids_ptr + slot)
+    valid = aid < A
+    return e, v, slot, aid, valid, aid // TOPK
+
+
+@triton.jit
+def _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0,
+             GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Gate and up products [BN, BM] (float32) of the block's tokens with one variant's weights."""
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
+    cols = tl.arange(0, 64)[None, :]
+    row_blocks, row_tiles = I // 16, H // 64
+    g_groups = tl.cdiv(H, GSPEC // 256)
+    u_groups = tl.cdiv(H, USPEC // 256)
+    for kt in range(0, row_tiles):
+        xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
+        wg = fragment_tile(gl, gp, mt0, kt, row_blocks, row_tiles, g_groups, GSPEC, BN, ACT_BF16, INTERPRET)
+        acc_g = mma(wg, xt, acc_g, INTERPRET)
+        wu = fragment_tile(ul, up, mt0, kt, row_blocks, row_tiles, u_groups, USPEC, BN, ACT_BF16, INTERPRET)
+        acc_u = mma(wu, xt, acc_u, INTERPRET)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0,
+          SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Down product [BN, BM] (float32) over the storage tiles [kt_lo, kt_hi) of the block's rows of ``h``."""
+    acc = tl.zeros([BN, BM], tl.float32)
+    h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
+    cols = tl.arange(0, 64)[None, :]
+    groups = tl.cdiv(I, SPEC // 256)
+    for kt in range(kt_lo, kt_hi):
+        ht = tl.trans(tl.load(h_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
+        w = fragment_tile(dl, dp, mt0, kt, H // 16, I // 64, groups, SPEC, BN, ACT_BF16, INTERPRET)
+        acc = mma(w, ht, acc, INTERPRET)
+    return acc
+
+
+@triton.jit
+def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, h_ptr,
+                        A, H, I, E, VBASE,
+                        G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
+                        G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
+                        NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
+    if v < 0:
+        return
+    mt0 = tl.program_id(1) * (BN // 16)
+    gl, gp = _weight(off_ptr, lane_ptr, pair_ptr, e * 2)
+    ul, up = _weight(off_ptr, lane_ptr, pair_ptr, (E + e) * 2)
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    if v == 0:
+        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G0, U0, BM, BN, ACT_BF16,
+                                INTERPRET)
+    if NUM_V > 1:
+        if v == 1:
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G1, U1, BM, BN,
+                                    ACT_BF16, INTERPRET)
+    if NUM_V > 2:
+        if v == 2:
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G2, U2, BM, BN,
+                                    ACT_BF16, INTERPRET)
+    if NUM_V > 3:
+        if v == 3:
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G3, U3, BM, BN,
+                                    ACT_BF16, INTERPRET)
+    hval = round_to(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, ACT_BF16, INTERPRET)
+    n = mt0 * 16 + tl.arange(0, BN)
+    tl.store(h_ptr + slot.to(tl.int64)[None, :] * I + n[:, None], hval, mask=valid[None, :] & (n < I)[:, None])
+
+
+@triton.jit
+def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, wt_ptr, out_ptr,
+                          A, H, I, E, VBASE, k_tiles,
+                          D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
+                          NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr + E, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
+    if v < 0:
+        return
+    mt0 = tl.program_id(1) * (BN // 16)
+    dl, dp = _weight(off_ptr, lane_ptr, pair_ptr, (2 * E + e) * 2)
+    kt_lo = tl.program_id(2) * k_tiles
+    kt_hi = tl.minimum(kt_lo + k_tiles, I // 64)
+    acc = tl.zeros([BN, BM], tl.float32)
+    if v == 0:
+        acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D0, BM, BN, ACT_BF16, INTERPRET)
+    if NUM_V > 1:
+        if v == 1:
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D1, BM, BN, ACT_BF16, INTERPRET)
+    if NUM_V > 2:
+        if v == 2:
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D2, BM, BN, ACT_BF16, INTERPRET)
+    if NUM_V > 3:
+        if v == 3:
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D3, BM, BN, ACT_BF16, INTERPRET)
+    wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
+    n = mt0 * 16 + tl.arange(0, BN)
+    tl.atomic_add(out_ptr + tok.to(tl.int64)[None, :] * H + n[:, None], acc * wt[None, :],
+                  mask=valid[None, :] & (n < H)[:, None])
+
+
+_CHECKED: set[int] = set()
+
+
+def _check_operand_layout(compiled) -> None:
+    """Refuse a compiled fragment kernel whose code conversion is not in the tensor-core operand's layout.
+
+    The conversion asm reads a code's position in its lane word from the
+    layout, which holds only where Triton applies it to the dot operand's
+    registers (``fragment_tiles``); anywhere else it would silently give
+    wrong products.  Checked once per compiled kernel, on its TTGIR (the
+    interpreter compiles nothing).
+    """
+    if compiled is None or id(compiled) in _CHECKED:
+        return
+    asm_lines = [line for line in compiled.asm.get("ttgir", "").splitlines()
+                 if "tt.elementwise_inline_asm" in line and "one, neg" in line]
+    if not asm_lines or any("#ttg.dot_op<{opIdx = 0" not in line.rsplit("->", 1)[-1] for line in asm_lines):
+        raise RuntimeError(f"Triton {triton.__version__} moved the fragment kernels' code conversion out of the "
+                           "tensor-core operand layout, where it would compute wrong products; "
+                           "set MOECONV_FRAGMENTS=0 to run these experts in the other kernels")
+    _CHECKED.add(id(compiled))
+
+
+def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, topk: int,
+                  experts: PackedExperts, cfg: FragmentConfig, out: torch.Tensor, align, interpret: bool) -> None:
+    """Add the fragment experts' share of the layer to ``out`` (float32 [T, H]).
+
+    ``align`` is ``moe.align_pairs`` (passed in, so the modules do not import
+    each other): it sorts the pairs by expert into blocks of ``block_m``.
+    """
+    ids, blk, n_blocks = align(flat_ids, experts.num_experts, cfg.block_m)
+    pairs, hid, inter, e = flat_ids.numel(), experts.hidden, experts.intermediate, experts.num_experts
+    h = torch.empty(n_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
+    store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype))
+    common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=x.dtype == torch.bfloat16, INTERPRET=interpret,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    per_launch = max(1, min(cfg.variants_per_launch, MAX_VARIANTS))
+    variant = experts.fragment_variant
+    for base in range(0, len(experts.fragment_up_variants), per_launch):
+        chunk = experts.fragment_up_variants[base:base + per_launch]
+        padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
+        specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
+        grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n))
+        _check_operand_layout(_fragment_up_kernel[grid](x, x.stride(0), ids, blk, variant, *store, h, pairs, hid,
+                                                        inter, e, base, NUM_V=len(chunk), BN=cfg.up_block_n,
+                                                        **specs_kw, **common))
+    tiles = inter // TILE_K
+    k_tiles = triton.cdiv(tiles, max(1, min(cfg.split_k, tiles)))
+    for base in range(0, len(experts.fragment_down_variants), per_launch):
+        chunk = experts.fragment_down_variants[base:base + per_launch]
+        padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
+        grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(tiles, k_tiles))
+        _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs, hid,
+                                                          inter, e, base, k_tiles, NUM_V=len(chunk),
+                                                          BN=cfg.down_block_n,
+                                                          **{f"D{i}": code for i, code in enumerate(padded)},
+                                                          **common))
+

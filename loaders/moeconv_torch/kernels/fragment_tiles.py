@@ -1,0 +1,173 @@
+"""Triton device function of the fragment kernels: one [BN, 64] weight tile from the fragment layout.
+
+``fragment_tile`` returns weights in the activation dtype, ready to be the A
+operand of ``tl.dot`` (the weights' rows are the product's M dimension, the
+tokens its N).  It loads each lane's codes for a storage tile (see
+``fragments``) as a small tensor whose shape names (row block, r0, block,
+[kh,] c), broadcasts it over the fragment's other coordinates and reshapes it
+to ``[BN, 64]``; Triton then keeps the conversion in the operand's register
+layout, where the eight elements a thread holds per 16 x 16 block all come
+from one lane word.  On GPUs that word goes through one ``inline_asm`` per
+block (``pack=8``: the thread's eight elements of that block):
+
+* each pair of codes ``kl = 0, 1`` is moved by one ``lop3`` into the low
+  mantissa bits of a packed pair of halves whose exponent is that of 128
+  (bfloat16) or 1024 (float16), which makes them exactly ``M + c``;
+* one packed fused multiply-add removes ``M + 2^(bits-1)``, exactly (8-bit
+  codes in bfloat16, whose mantissa is too short for them, are assembled
+  from two nibbles instead);
+* the tile's ``(s, (2^(bits-1) - z) s)`` pairs then give ``(c - z) s``, one
+  more packed FMA.  Centring the codes keeps both terms small, so their
+  roundings cost little (and nothing for symmetric schemes, where the
+  second term is 0).
+
+The asm takes one operand (Triton moves a conversion into the dot operand's
+layout only through single-operand inline asm), so the position of a code
+in its word is the same for every thread: the layout put it there.  Under
+``TRITON_INTERPRET`` (no asm) the same codes are cut out with shifts by
+positions computed from the coordinates; both give the same values up to
+the rounding of one product.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import round_to
+
+
+def _asm(bits: int, bf16: bool) -> str:
+    """PTX: one lane word (two, for 8 bits) -> the thread's 8 codes of a block minus 2^(bits-1), as 4 half pairs."""
+    f = "bf16x2" if bf16 else "f16x2"
+    magic, mbias = (0x4300, 128.0) if bf16 else (0x6400, 1024.0)
+    lines = [f"mov.b32 one, {_pair(1.0, bf16)};", f"mov.b32 neg, {_pair(-(mbias + (1 << (bits - 1))), bf16)};"]
+    if bits == 8:
+        # $4..$7 hold word kh=0, $8..$11 word kh=1; register j = rh + 2 kh reads bytes rh, rh + 2 of word kh.
+        if bf16:
+            lines += [f"mov.b32 sixteen, {_pair(16.0, bf16)};", f"mov.b32 bias, {_pair(-2304.0, bf16)};"]
+        for j in range(4):
+            word = "$4" if j < 2 else "$8"
+            shift = 8 * (j % 2)
+            if bf16:  # c - 128 from its two nibbles: (128 + lo) + (16 (128 + hi) - 2304)
+                lines += [f"shr.b32 t, {word}, {shift};", f"shr.b32 u, {word}, {shift + 4};",
+                          f"lop3.b32 t, t, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;",
+                          f"lop3.b32 u, u, 0x000F000F, 0x{magic:04X}{magic:04X}, 0xEA;",
+                          f"fma.rn.{f} u, u, sixteen, bias;", f"fma.rn.{f} ${j}, t, one, u;"]
+            else:
+                lines += [f"shr.b32 t, {word}, {shift};", f"lop3.b32 t, t, 0x00FF00FF, 0x{magic:04X}{magic:04X}, 0xEA;",
+                          f"fma.rn.{f} ${j}, t, one, neg;"]
+    else:
+        mask = "0x000F000F" if bits == 4 else "0x00030003"
+        source = "$4"
+        if bits == 2:  # a 16-bit lane element: its high byte (the kl = 1 codes) moves to bits 16-23
+            lines.append("prmt.b32 w, $4, $4, 0x3120;")
+            source = "w"
+        for j in range(4):
+            lines += [f"shr.b32 t, {source}, {bits * j};", f"lop3.b32 t, t, {mask}, 0x{magic:04X}{magic:04X}, 0xEA;",
+                      f"fma.rn.{f} ${j}, t, one, neg;"]
+    return "{\n.reg .b32 t, u, w, one, neg, sixteen, bias;\n" + "\n".join(lines) + "\n}"
+
+
+def _pair(value: float, bf16: bool) -> str:
+    """A packed pair of ``value`` as a PTX hex literal (exact in both halves dtypes for the constants used)."""
+    bits = torch.tensor([value], dtype=torch.bfloat16 if bf16 else torch.float16).view(torch.int16).item() & 0xFFFF
+    return f"0x{bits:04X}{bits:04X}"
+
+
+ASM2_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 4, 8))
+ASM2_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 4, 8))
+#: Four outputs (pairs of halves); eight 32-bit inputs, or four holding two 16-bit elements each.
+IO_32 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
+IO_16 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 4))
+
+
+@triton.jit
+def _fragment(x, MT: tl.constexpr):
+    """[MT, 8 (r0), 4 (block), 4 (c)] -> [MT * 16, 64]: each lane's value at its 8 elements of each block."""
+    x7 = tl.broadcast_to(x[:, None, :, :, None, :, None], [MT, 2, 8, 4, 2, 4, 2])
+    return tl.reshape(x7, [MT * 16, 64])
+
+
+@triton.jit
+def _fragment_kh(x, MT: tl.constexpr):
+    """[MT, 8 (r0), 4 (block), 2 (kh), 4 (c)] -> [MT * 16, 64], for 8-bit codes (a word per kh)."""
+    x7 = tl.broadcast_to(x[:, None, :, :, :, :, None], [MT, 2, 8, 4, 2, 4, 2])
+    return tl.reshape(x7, [MT * 16, 64])
+
+
+@triton.jit
+def _code_bits(MT: tl.constexpr, BITS: tl.constexpr):
+    """[MT * 16, 64] bit offset of each element's code in its lane word (interpreter path)."""
+    rh = tl.arange(0, 2)[None, :, None, None, None, None, None]
+    kh = tl.arange(0, 2)[None, None, None, None, :, None, None]
+    kl = tl.arange(0, 2)[None, None, None, None, None, None, :]
+    if BITS == 8:
+        pos = 8 * (rh + 2 * kl) + 0 * kh
+    else:
+        pos = BITS * (rh + 2 * kh + 4 * kl)
+    return tl.reshape(tl.broadcast_to(pos, [MT, 2, 8, 4, 2, 4, 2]), [MT * 16, 64])
+
+
+@triton.jit
+def _codes(w, MT: tl.constexpr, BITS: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Codes minus 2^(BITS-1) of the lane words ``w`` (spread to [BN, 64]), exact, in the activation dtype."""
+    if INTERPRET:
+        c = (w.to(tl.int32) >> _code_bits(MT, BITS)) & ((1 << BITS) - 1)
+        v = round_to((c - (1 << (BITS - 1))).to(tl.float32), ACT_BF16, INTERPRET)  # small integers: exact
+    elif ACT_BF16:
+        if BITS == 8:
+            v = tl.inline_asm_elementwise(ASM8_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
+        elif BITS == 4:
+            v = tl.inline_asm_elementwise(ASM4_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
+        else:
+            v = tl.inline_asm_elementwise(ASM2_BF16, IO_16, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
+    else:
+        if BITS == 8:
+            v = tl.inline_asm_elementwise(ASM8_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
+        elif BITS == 4:
+            v = tl.inline_asm_elementwise(ASM4_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
+        else:
+            v = tl.inline_asm_elementwise(ASM2_F16, IO_16, [w], dtype=tl.float16, is_pure=True, pack=8)
+    return v
+
+
+@triton.jit
+def fragment_tile(lane_ptr, sz_ptr, mt0, kt, row_blocks, row_tiles, groups,
+                  SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """W[16 mt0 : 16 mt0 + BN, 64 kt : 64 kt + 64] of one weight in the activation dtype.
+
+    ``lane_ptr`` points at the weight's lane words (int32; int16 for 2-bit
+    codes), ``sz_ptr`` at its scale pairs ``[rows, groups, 2]``
+    (``fragments.scale_pairs``);
+    ``row_blocks`` = rows / 16 and ``row_tiles`` = columns / 64.  Row blocks
+    past the weight read as zero weights.
+    """
+    BITS: tl.constexpr = SPEC // 4 % 16
+    GS: tl.constexpr = SPEC // 256
+    MT: tl.constexpr = BN // 16
+    mt = mt0 + tl.arange(0, MT)
+    lane = (mt[:, None, None, None] * row_tiles + kt) * 32 + tl.arange(0, 8)[None, :, None, None] * 4 \
+        + tl.arange(0, 4)[None, None, None, :]  # [MT, 8, 1, 4]: lane index of (row block, r0, c)
+    ok = (mt < row_blocks)[:, None, None, None]
+    block = tl.arange(0, 4)[None, None, :, None]
+    if BITS == 8:
+        words = lane[:, :, :, None, :] * 8 + block[:, :, :, None, :] * 2 + tl.arange(0, 2)[None, None, None, :, None]
+        w = _fragment_kh(tl.load(lane_ptr + words, mask=ok[:, :, :, None, :], other=0), MT)
+    elif BITS == 4:
+        w = _fragment(tl.load(lane_ptr + (lane * 4 + block), mask=ok, other=0), MT)
+    else:
+        w = _fragment(tl.load(lane_ptr.to(tl.pointer_type(tl.int16)) + (lane * 4 + block), mask=ok, other=0), MT)
+    c = _codes(w, MT, BITS, ACT_BF16, INTERPRET)
+    # Scale pairs: one per (row, group); a tile holds NG whole groups or lies inside one.
+    NG: tl.constexpr = 64 // GS if GS < 64 else 1
+    WIDTH: tl.constexpr = GS if GS < 64 else 64
+    rows = mt[:, None, None, None] * 16 + tl.arange(0, 2)[None, :, None, None] * 8 + tl.arange(0, 8)[None, None, :, None]
+    grp = (kt * 64) // GS + tl.arange(0, NG)[None, None, None, :]
+    pair = sz_ptr + (rows.to(tl.int64) * groups + grp) * 2
+    s4 = tl.load(pair, mask=ok, other=0.0)
+    nz4 = tl.load(pair + 1, mask=ok, other=0.0)
+    s = tl.reshape(tl.broadcast_to(s4[:, :, :, :, None], [MT, 2, 8, NG, WIDTH]), [BN, 64])
+    nz = tl.reshape(tl.broadcast_to(nz4[:, :, :, :, None], [MT, 2, 8, NG, WIDTH]), [BN, 64])
+    if INTERPRET:  # one rounding, as the GPU's fused multiply-add
+        return round_to(c.to(tl.float32) * s.to(tl.float32) + nz.to(tl.float32), ACT_BF16, INTERPRET)
+    return c * s + nz

@@ -1,0 +1,197 @@
+"""The fragment layout: int codes rearranged so that each GPU thread reads exactly the codes it multiplies.
+
+The fragment kernels (``fragment_tiles``) feed dequantized weights to the
+tensor cores straight from registers, as the A operand of a ``[16, 16]``
+matrix product per warp.  In that operand, lane ``L = 4 * r0 + c`` of a warp
+holds eight elements of each 16 x 16 block: rows ``8 * rh + r0`` and columns
+``8 * kh + 2 * c + kl`` for ``rh, kh, kl`` in {0, 1} (the PTX fragment layout
+of ``mma.m16n8k16`` and of ``wgmma``'s register operand).  Stored row-major,
+those eight codes lie in two rows and four bytes apart; here they are moved,
+once at load time, into one lane word, so that a thread turns one load into
+its eight weights with a handful of bit operations and no exchange between
+threads (the layout Marlin introduced for int4 GEMMs, generalised to 2 and 8
+bits).
+
+A weight ``[N, K]`` (N a multiple of 16, K of 64) becomes a tensor of shape
+``[N / 16, K / 64, 8 (r0), 4 (c), LANE_WORDS]``: for each 16-row block and
+64-column tile, each lane's codes of that tile's four 16 x 16 blocks, in
+consecutive memory (one 8- to 32-byte load per thread and tile):
+
+* 4 bits, four int32 words per lane and tile, one per block: code
+  ``(rh, kh, kl)`` in nibble ``rh + 2 kh + 4 kl``;
+* 8 bits, eight int32 words, two per block (kh = 0, 1): byte ``rh + 2 kl``;
+* 2 bits, four uint16 per lane and tile, one per block: bits
+  ``2 (rh + 2 kh + 4 kl)``.
+
+In every case code ``(rh, kh, kl)`` of a block sits at bit
+``bits * (rh + 2 kh + 4 kl)`` of the lane's bits for that block (for 8 bits,
+of word kh, with kh taken out of the index), so that one shift of the lane
+word serves a pair ``kl = 0, 1`` that the tensor core reads as one 32-bit
+register.  Scales travel beside the codes as ``(s, (2^(b-1) - z) s)``
+pairs in the activation dtype (``scale_pairs``), so a weight is
+``(c - 2^(b-1)) s + (2^(b-1) - z) s``: one fused multiply-add per pair of
+weights on codes centred around zero.
+
+This module is plain torch (no Triton): it decides which weights qualify,
+and converts between the stored format v1 layout and the fragment layout,
+both ways and bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from moeconv_numpy.schemes import scheme_info
+
+from ..dequant import unpack_codes
+
+#: Code widths with a fragment layout.
+FRAGMENT_BITS = (2, 4, 8)
+#: Columns of one storage tile: a lane's codes of four 16 x 16 blocks.
+TILE_K = 64
+#: Rows of one block.
+TILE_N = 16
+#: Element type and count of a lane's codes for one storage tile, per width.
+LANE_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int32}
+LANE_WORDS = {2: 4, 4: 4, 8: 8}
+#: Columns that one lane element spans: a scale group must hold whole elements.
+_ELEMENT_SPAN = {2: 16, 4: 16, 8: 8}
+
+
+def enabled(device: torch.device | str) -> bool:
+    """Whether experts on ``device`` get the fragment layout by default.
+
+    On CPU tensors (Triton's interpreter, where no asm runs) and on Hopper
+    GPUs (compute capability 9.0), where the kernels' reading of the tensor
+    cores' register operand was checked; other GPUs keep the other kernels.
+    ``MOECONV_FRAGMENTS=0`` turns the layout off everywhere.
+    """
+    if os.environ.get("MOECONV_FRAGMENTS", "1") == "0":
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def fragment_unsupported(scheme: str, shape: tuple[int, int], group_size: int) -> str | None:
+    """Why a weight has no fragment layout (the fragment kernels cannot read it), or None.
+
+    Group sizes must be powers of two of at least 16 (a block's columns share
+    one scale) or multiples of ``TILE_K``, so that a storage tile holds whole
+    groups or lies inside one.
+    """
+    info = scheme_info(scheme)
+    rows, cols = shape
+    if info.family != "int" or info.bits not in FRAGMENT_BITS:
+        return f"{scheme} has no fragment layout (int{'/int'.join(map(str, FRAGMENT_BITS))} only)"
+    if rows % TILE_N or cols % TILE_K:
+        return f"shape {list(shape)} is not whole {TILE_N} x {TILE_K} tiles"
+    power_of_two = group_size & (group_size - 1) == 0
+    if not ((power_of_two and group_size >= TILE_N) or group_size % TILE_K == 0):
+        return f"group size {group_size} is neither a power of two >= {TILE_N} nor a multiple of {TILE_K}"
+    return None
+
+
+def _block_order(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] -> [N/16, K/64, 8 (r0), 4 (c), 4 (block), 2 (kl), 2 (kh), 2 (rh)]."""
+    n, k = codes.shape
+    blocks = codes.view(n // TILE_N, 2, 8, k // TILE_K, 4, 2, 4, 2)  # mt, rh, r0, kt, block, kh, c, kl
+    return blocks.permute(0, 3, 2, 6, 4, 7, 5, 1)
+
+
+def _join(fields: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Integers from little-endian ``bits``-wide fields along the last axis (int64 arithmetic, then ``dtype``)."""
+    shifts = torch.arange(fields.shape[-1], device=fields.device, dtype=torch.int64) * bits
+    value = (fields.to(torch.int64) << shifts).sum(-1)
+    width = torch.iinfo(dtype).bits
+    value = torch.where(value >= 1 << (width - 1), value - (1 << width), value)  # two's complement
+    return value.to(dtype)
+
+
+def _split(values: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The inverse of ``_join``: ``count`` little-endian fields of ``bits`` bits per integer, as uint8."""
+    width = torch.iinfo(values.dtype).bits
+    unsigned = values.to(torch.int64) & ((1 << width) - 1)
+    shifts = torch.arange(count, device=values.device, dtype=torch.int64) * bits
+    return ((unsigned.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
+
+
+def to_fragments(qweight: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """A stored int qweight (uint8 ``[N, row_bytes]``, format v1) in the fragment layout."""
+    n, k = shape
+    blocks = _block_order(unpack_codes(qweight, bits, k).contiguous())
+    lead = blocks.shape[:4]
+    if bits == 8:  # two words per block: kh outermost, then the byte index rh + 2 kl
+        per_word = blocks.permute(0, 1, 2, 3, 4, 6, 5, 7).reshape(*lead, 4, 2, 4)
+        return _join(per_word, 8, torch.int32).reshape(*lead, LANE_WORDS[8])
+    return _join(blocks.reshape(*lead, 4, 8), bits, LANE_DTYPE[bits])
+
+
+def from_fragments(lanes: torch.Tensor, bits: int, shape: tuple[int, int], row_bytes: int) -> torch.Tensor:
+    """The inverse of ``to_fragments``: the stored qweight, padding bytes of the row zero as the spec says."""
+    n, k = shape
+    lead = lanes.shape[:4]
+    if bits == 8:
+        per_word = _split(lanes.reshape(*lead, 4, 2), 8, 4)  # block, kh, (kl, rh)
+        blocks = per_word.view(*lead, 4, 2, 2, 2).permute(0, 1, 2, 3, 4, 6, 5, 7)
+    else:
+        blocks = _split(lanes, bits, 8).view(*lead, 4, 2, 2, 2)
+    codes = blocks.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k)  # back to mt, rh, r0, kt, block, kh, c, kl
+    stream = _join(codes.view(n, k * bits // 8, 8 // bits), bits, torch.int16).to(torch.uint8)
+    qweight = torch.zeros(n, row_bytes, dtype=torch.uint8, device=lanes.device)
+    qweight[:, : stream.shape[1]] = stream
+    return qweight
+
+
+def scale_pairs(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, groups, 2]`` of ``dtype``: each group's ``(s, (2^(bits-1) - z) s)``, each rounded once from float32.
+
+    The fragment kernels compute ``(c - 2^(bits-1)) s + (2^(bits-1) - z) s``:
+    with codes centred, neither term is much larger than the weight, so the
+    activation dtype's rounding of ``s`` and of the second term stays near
+    one rounding of the weight (bfloat16: about 0.3%, against about 1% for
+    ``c s - z s``).  ``zeros`` is None for the symmetric schemes, whose zero
+    point is ``2^(bits-1)`` (the second term is then exactly 0).
+    """
+    s = scales.float()
+    half = float(1 << (bits - 1))
+    offset = (half - zeros.float()) * s if zeros is not None else torch.zeros_like(s)
+    return torch.stack((s, offset), dim=-1).to(dtype)
+
+
+def kernel_weights(parts, scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """float32 [N, K]: the weights the fragment kernels multiply by, for tests and error budgets.
+
+    ``(c - 2^(b-1)) s + (2^(b-1) - z) s`` with both factors from
+    ``scale_pairs`` (in ``dtype``), rounded once to ``dtype``, as the kernels'
+    fused multiply-add does.  Against the spec's float32 weights this is a
+    few roundings of ``dtype`` (bfloat16: about 0.3% relative), where the
+    other kernels round once.
+    """
+    bits = scheme_info(scheme).bits
+    rows, cols = shape
+    codes = unpack_codes(parts["qweight"], bits, cols).float() - float(1 << (bits - 1))
+    pairs = scale_pairs(parts["scales"], parts.get("zeros"), bits, dtype).float()
+    s = pairs[..., 0].repeat_interleave(group_size, dim=1)[:, :cols]
+    offset = pairs[..., 1].repeat_interleave(group_size, dim=1)[:, :cols]
+    return (codes * s + offset).to(dtype).float()
+
+
+def lane_shape(bits: int, shape: tuple[int, int]) -> tuple[int, int, int, int, int]:
+    """Shape of a weight's lanes: [N / 16, K / 64, 8 (r0), 4 (c), LANE_WORDS[bits]]."""
+    n, k = shape
+    return n // TILE_N, k // TILE_K, 8, 4, LANE_WORDS[bits]
+
+
+def lane_elements(bits: int, shape: tuple[int, int]) -> int:
+    """Number of lane elements (``LANE_DTYPE[bits]``) of a weight in the fragment layout."""
+    return math.prod(lane_shape(bits, shape))
+
+
+def row_bytes(bits: int, cols: int, group_size: int) -> int:
+    """Bytes per row of a stored int qweight: whole groups of codes (format v1)."""
+    return math.ceil(math.ceil(cols / group_size) * group_size * bits / 8)

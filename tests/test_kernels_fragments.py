@@ -1,0 +1,137 @@
+"""The fragment layout (int2/int4/int8 codes where each GPU thread reads them) and its fused MoE kernels.
+
+The layout conversions are plain torch and are checked exactly, both ways and
+against the definition of where each code goes.  The kernels run in Triton's
+interpreter without CUDA (tests/conftest.py) and compiled on a GPU, where the
+inline asm that depends on the tensor cores' register layout runs for real;
+they are compared with the float32 reference of tests/test_kernels_moe.py.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from test_kernels_dequant import DEVICE, random_parts, to_torch  # noqa: E402
+from test_kernels_moe import assert_close, make_layer, reference, routing  # noqa: E402
+
+from moeconv_torch.dequant import unpack_codes  # noqa: E402
+from moeconv_torch.kernels import PackedExperts, PackedWeight, fragments, moe  # noqa: E402
+from moeconv_torch.kernels.fragment_moe import FragmentConfig  # noqa: E402
+
+H, I = 64, 128
+
+
+@pytest.mark.parametrize("bits", fragments.FRAGMENT_BITS)
+def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(bits):
+    rng = np.random.default_rng(bits)
+    n, k = 32, 192
+    qweight = torch.from_numpy(rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8))
+    lanes = fragments.to_fragments(qweight, bits, (n, k))
+    assert lanes.shape == fragments.lane_shape(bits, (n, k)) and lanes.dtype == fragments.LANE_DTYPE[bits]
+    codes = unpack_codes(qweight, bits, k).long()
+    words = lanes.long() & ((1 << (8 * lanes.element_size())) - 1)
+    for r in range(n):
+        for c in range(k):
+            rh, r0, blk, kh, lane_c, kl = (r // 8) % 2, r % 8, (c // 16) % 4, (c // 8) % 2, (c // 2) % 4, c % 2
+            if bits == 8:
+                word, pos = words[r // 16, c // 64, r0, lane_c, 2 * blk + kh], 8 * (rh + 2 * kl)
+            else:
+                word, pos = words[r // 16, c // 64, r0, lane_c, blk], bits * (rh + 2 * kh + 4 * kl)
+            assert (int(word) >> pos) & ((1 << bits) - 1) == codes[r, c]
+    assert torch.equal(fragments.from_fragments(lanes, bits, (n, k), qweight.shape[1]), qweight)
+
+
+@pytest.mark.parametrize("scheme, shape, group, reason", [
+    ("int3", (32, 64), 64, "no fragment layout"),
+    ("nf4", (32, 64), 64, "no fragment layout"),
+    ("int4", (24, 64), 64, "whole 16 x 64 tiles"),
+    ("int4", (32, 96), 32, "whole 16 x 64 tiles"),
+    ("int4", (32, 64), 8, "group size 8"),
+    ("int8", (32, 192), 96, "group size 96"),
+])
+def test_weights_without_a_fragment_layout_say_why(scheme, shape, group, reason):
+    assert reason in fragments.fragment_unsupported(scheme, shape, group)
+
+
+@pytest.mark.parametrize("scheme, group", [("int4", 128), ("int2-sym", 64), ("int8", 192)])
+def test_supported_shapes_and_groups(scheme, group):
+    assert fragments.fragment_unsupported(scheme, (48, 384), group) is None
+
+
+def test_scale_pairs_centre_the_codes():
+    scales = torch.tensor([[0.5, -0.25]], dtype=torch.float16)
+    zeros = torch.tensor([[3.0, 7.5]], dtype=torch.float16)
+    pairs = fragments.scale_pairs(scales, zeros, 4, torch.float32)
+    assert pairs.tolist() == [[[0.5, 2.5], [-0.25, -0.125]]]  # (s, (8 - z) s): (c - 8) s + (8 - z) s = (c - z) s
+    assert fragments.scale_pairs(scales, None, 4, torch.bfloat16)[..., 1].eq(0).all()
+
+
+FRAGMENT_SETS = [
+    (("int4", 64, False),) * 3,
+    (("int8", 64, False),) * 3,
+    (("int2", 32, False),) * 3,
+    (("int4-sym", 128, False),) * 3,
+]
+DECODE = FragmentConfig(16, 64, 64, 2, 4, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("config, tokens", [(DECODE, 3), (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
+                         ids=["decode", "batch"])
+def test_fragment_experts_match_reference(config, tokens, dtype):
+    rng = np.random.default_rng(7)
+    experts, dense = make_layer(FRAGMENT_SETS, rng)
+    assert all(experts.fragment) and not experts.up_variants
+    x = torch.from_numpy(rng.standard_normal((tokens, H))).to(dtype).to(DEVICE)
+    ids, wts = routing(tokens, len(FRAGMENT_SETS), 2, rng)
+    got = moe.fused_moe(x, ids, wts, experts, fragment_config=config)
+    assert got.dtype == dtype and got.shape == (tokens, H)
+    assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
+
+
+def test_fragment_and_other_experts_share_one_layer():
+    """int4/int8 experts in the fragment kernels, nf4/int3 ones in the others, one output; one variant a launch."""
+    quants = [FRAGMENT_SETS[0], (("nf4", 64, True),) * 3, FRAGMENT_SETS[1], (("int3", 64, False),) * 3]
+    rng = np.random.default_rng(3)
+    experts, dense = make_layer(quants, rng)
+    assert experts.fragment == (True, False, True, False)
+    assert len(experts.fragment_up_variants) == 2 and len(experts.up_variants) == 2
+    x = torch.from_numpy(rng.standard_normal((6, H))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(6, len(quants), 2, rng)
+    want = reference(x, ids.cpu(), wts.cpu(), dense)
+    assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=DECODE), want)
+    one_each = dataclasses.replace(DECODE, variants_per_launch=1)
+    assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=one_each), want)
+
+
+def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
+    """I = 192 rows of gate/up in programs of 128 rows (the last half empty), down split 3 ways."""
+    rng = np.random.default_rng(9)
+    experts, dense = make_layer([FRAGMENT_SETS[0], FRAGMENT_SETS[2]], rng, hidden=H, inter=192)
+    x = torch.from_numpy(rng.standard_normal((4, H))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(4, 2, 2, rng)
+    got = moe.fused_moe(x, ids, wts, experts, fragment_config=FragmentConfig(16, 128, 64, 3, 4, 1))
+    assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
+
+
+def test_fragment_experts_give_back_their_stored_parts_and_can_be_declined():
+    rng = np.random.default_rng(1)
+    parts = {proj: [to_torch(random_parts("int4", shape, 64, False, rng)) for _ in range(2)]
+             for proj, shape in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I)))}
+    weights = {proj: [PackedWeight(p, "int4", 64) for p in ps] for proj, ps in parts.items()}
+    experts = PackedExperts.build(weights["gate"], weights["up"], weights["down"], hidden=H, intermediate=I)
+    assert experts.fragment == (True, True) and experts.u8.numel() <= 1  # codes are held once, as lanes
+    for proj in ("gate", "up", "down"):
+        for e in range(2):
+            got = experts.weight(proj, e).parts
+            assert all(torch.equal(got[k].cpu(), parts[proj][e][k].cpu()) for k in parts[proj][e])
+    plain = PackedExperts.build(weights["gate"], weights["up"], weights["down"], hidden=H, intermediate=I,
+                                fragments_allowed=False)
+    assert plain.fragment == (False, False) and plain.lanes.numel() == 1 and len(plain.up_variants) == 1
