@@ -54,6 +54,8 @@ EXPERT_SETS = {
     "mixed_int_4.0": [("int2", 64, False)] * 2 + [("int4", 64, False)] * 4 + [("int8", 64, False)] * 2,
     # The same int4 experts outside the fragment layout: the kernels of sessions 1-5, for A/B runs.
     "int4_legacy": [("int4", 64, False)] * E,
+    "int8": [("int8", 64, False)] * E,
+    "int2": [("int2", 64, False)] * E,
 }
 
 
@@ -320,14 +322,13 @@ PREFILL_SWEEP = [kmoe.MoeConfig("dot", bm, bn, bn, 64, 1, w, s)
                  for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                                       (256, 128, 8, 3), (128, 256, 8, 3)]]
 FRAGMENT_SWEEP = {
-    1: [kfrag.FragmentConfig(16, bn_up, bn_dn, split, w, st)
-        for bn_up, bn_dn, split, w, st in [(64, 64, 4, 4, 3), (64, 64, 8, 4, 4), (128, 64, 4, 8, 3), (64, 128, 4, 8, 3),
-                                            (64, 64, 2, 4, 2), (128, 128, 4, 8, 4)]],
-    16: [kfrag.FragmentConfig(16, bn_up, bn_dn, split, w, st)
-         for bn_up, bn_dn, split, w, st in [(64, 64, 2, 4, 3), (128, 128, 1, 8, 3), (64, 64, 1, 4, 4)]],
+    1: [kfrag.FragmentConfig(16, 64, 64, down, 4, st, up)
+        for up, down, st in [(1, 4, 3), (2, 8, 3), (4, 8, 3), (4, 8, 4), (8, 16, 3), (4, 16, 3)]],
+    16: [kfrag.FragmentConfig(16, 64, 64, down, 4, st, up)
+         for up, down, st in [(1, 2, 3), (2, 2, 3), (2, 4, 3), (1, 4, 4)]],
     "prefill": [kfrag.FragmentConfig(bm, bn, bn, 1, w, st)
-                for bm, bn, w, st in [(128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3),
-                                      (256, 128, 8, 3)]],
+                for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 128, 8, 4),
+                                      (128, 64, 4, 2)]],
 }
 #: Sections a run can be limited to with ``--parts``.
 PARTS = ("dequant", "decode", "prefill")

@@ -121,6 +121,18 @@ def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
     assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
 
 
+def test_gate_and_up_in_k_pieces():
+    """Decode splits gate/up along K: float32 pieces summed, SiLU applied, by the down stage."""
+    rng = np.random.default_rng(4)
+    experts, dense = make_layer([FRAGMENT_SETS[0], FRAGMENT_SETS[1], FRAGMENT_SETS[3]], rng, hidden=192, inter=128)
+    x = torch.from_numpy(rng.standard_normal((2, 192))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(2, 3, 2, rng)
+    want = reference(x, ids.cpu(), wts.cpu(), dense)
+    for pieces in (2, 3):
+        config = dataclasses.replace(DECODE, up_split_k=pieces)
+        assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
+
+
 def test_fragment_experts_give_back_their_stored_parts_and_can_be_declined():
     rng = np.random.default_rng(1)
     parts = {proj: [to_torch(random_parts("int4", shape, 64, False, rng)) for _ in range(2)]

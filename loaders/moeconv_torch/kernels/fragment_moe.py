@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .experts import PackedExperts
-from .fragment_tiles import fragment_tile
+from .fragment_tiles import fragment_tile, tile_scales
 from .fragments import TILE_K
 from .tiles import mma, round_to
 
@@ -39,9 +39,10 @@ class FragmentConfig:
     block_m: int  # tokens per block: the products' N (>= 16)
     up_block_n: int  # gate/up rows per program (a multiple of 16; 64 per four warps for wgmma)
     down_block_n: int  # down rows per program
-    split_k: int  # K chunks of the down projection
+    split_k: int  # K pieces of the down projection
     num_warps: int
     num_stages: int
+    up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; SiLU then moves to the down stage)
     variants_per_launch: int = MAX_VARIANTS
 
 
@@ -55,10 +56,11 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     else:
         bm, bn, warps = 128, 128, 8
     blocks = min(num_pairs, triton.cdiv(num_pairs, bm) + experts.num_experts)
-    programs = blocks * triton.cdiv(experts.hidden, bn)
-    tiles = experts.intermediate // TILE_K
-    split = max(1, min(triton.cdiv(4 * num_sms, programs), tiles // 4))
-    return FragmentConfig(bm, bn, bn, split, warps, 3)
+    up_programs = blocks * triton.cdiv(experts.intermediate, bn)
+    up_split = max(1, min(triton.cdiv(8 * num_sms, up_programs), experts.hidden // TILE_K // 8))
+    down_programs = blocks * triton.cdiv(experts.hidden, bn)
+    split = max(1, min(triton.cdiv(8 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
+    return FragmentConfig(bm, bn, bn, split, warps, 3, up_split)
 
 
 @triton.jit
@@ -85,10 +87,10 @@ def _block(ids_ptr, blk_ptr, var_ptr, pid_m, A, VBASE, NUM_V: tl.constexpr, TOPK
 
 
 @triton.jit
-def _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0,
+def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0,
              GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Gate and up products [BN, BM] (float32) of the block's tokens with one variant's weights."""
+    """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights."""
     acc_g = tl.zeros([BN, BM], tl.float32)
     acc_u = tl.zeros([BN, BM], tl.float32)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
@@ -96,11 +98,13 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0,
     row_blocks, row_tiles = I // 16, H // 64
     g_groups = tl.cdiv(H, GSPEC // 256)
     u_groups = tl.cdiv(H, USPEC // 256)
-    for kt in range(0, row_tiles):
+    for kt in range(kt_lo, kt_hi):
+        gs, gz = tile_scales(gp, mt0, kt, row_blocks, g_groups, GSPEC, BN)
+        us, uz = tile_scales(up, mt0, kt, row_blocks, u_groups, USPEC, BN)
         xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        wg = fragment_tile(gl, gp, mt0, kt, row_blocks, row_tiles, g_groups, GSPEC, BN, ACT_BF16, INTERPRET)
+        wg = fragment_tile(gl, gs, gz, mt0, kt, row_blocks, row_tiles, GSPEC, BN, ACT_BF16, INTERPRET)
         acc_g = mma(wg, xt, acc_g, INTERPRET)
-        wu = fragment_tile(ul, up, mt0, kt, row_blocks, row_tiles, u_groups, USPEC, BN, ACT_BF16, INTERPRET)
+        wu = fragment_tile(ul, us, uz, mt0, kt, row_blocks, row_tiles, USPEC, BN, ACT_BF16, INTERPRET)
         acc_u = mma(wu, xt, acc_u, INTERPRET)
     return acc_g, acc_u
 
@@ -108,51 +112,77 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0,
 @triton.jit
 def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0,
           SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Down product [BN, BM] (float32) over the storage tiles [kt_lo, kt_hi) of the block's rows of ``h``."""
+    """Down product [BN, BM] (float32) over storage tiles [kt_lo, kt_hi) of the block's rows of ``h``."""
     acc = tl.zeros([BN, BM], tl.float32)
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
     cols = tl.arange(0, 64)[None, :]
     groups = tl.cdiv(I, SPEC // 256)
     for kt in range(kt_lo, kt_hi):
+        ds, dz = tile_scales(dp, mt0, kt, H // 16, groups, SPEC, BN)
         ht = tl.trans(tl.load(h_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        w = fragment_tile(dl, dp, mt0, kt, H // 16, I // 64, groups, SPEC, BN, ACT_BF16, INTERPRET)
+        w = fragment_tile(dl, ds, dz, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
         acc = mma(w, ht, acc, INTERPRET)
     return acc
 
 
 @triton.jit
-def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, h_ptr,
-                        A, H, I, E, VBASE,
+def _gated_kernel(g_ptr, u_ptr, ids_ptr, h_ptr, A, I, parts_stride,
+                  PARTS: tl.constexpr, BLOCK: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """h = silu(sum of the gate pieces) * (sum of the up pieces) for one row slot, in the activation dtype."""
+    slot = tl.program_id(0)
+    if tl.load(ids_ptr + slot) >= A:  # padding slot
+        return
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = slot.to(tl.int64) * I + n
+    ok = n < I
+    g = tl.zeros([BLOCK], tl.float32)
+    u = tl.zeros([BLOCK], tl.float32)
+    for p in tl.static_range(PARTS):
+        g += tl.load(g_ptr + p * parts_stride + offs, mask=ok, other=0.0)
+        u += tl.load(u_ptr + p * parts_stride + offs, mask=ok, other=0.0)
+    tl.store(h_ptr + offs, round_to(g / (1.0 + tl.exp(-g)) * u, ACT_BF16, INTERPRET), mask=ok)
+
+
+@triton.jit
+def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, h_ptr, g_ptr, u_ptr,
+                        A, H, I, E, VBASE, k_tiles, parts_stride,
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                         NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                        PARTS: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
     mt0 = tl.program_id(1) * (BN // 16)
+    kt_lo = tl.program_id(2) * k_tiles
+    kt_hi = tl.minimum(kt_lo + k_tiles, H // 64)
     gl, gp = _weight(off_ptr, lane_ptr, pair_ptr, e * 2)
     ul, up = _weight(off_ptr, lane_ptr, pair_ptr, (E + e) * 2)
     acc_g = tl.zeros([BN, BM], tl.float32)
     acc_u = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G0, U0, BM, BN, ACT_BF16,
-                                INTERPRET)
+        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G0, U0, BM, BN,
+                                ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G1, U1, BM, BN,
-                                    ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G1, U1,
+                                    BM, BN, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G2, U2, BM, BN,
-                                    ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G2, U2,
+                                    BM, BN, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, gl, gp, ul, up, mt0, G3, U3, BM, BN,
-                                    ACT_BF16, INTERPRET)
-    hval = round_to(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G3, U3,
+                                    BM, BN, ACT_BF16, INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
-    tl.store(h_ptr + slot.to(tl.int64)[None, :] * I + n[:, None], hval, mask=valid[None, :] & (n < I)[:, None])
+    offs = slot.to(tl.int64)[None, :] * I + n[:, None]
+    mask = valid[None, :] & (n < I)[:, None]
+    if PARTS == 1:
+        tl.store(h_ptr + offs, round_to(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, ACT_BF16, INTERPRET), mask=mask)
+    else:  # one K piece of several: ``_gated_kernel`` sums the pieces and applies SiLU
+        tl.store(g_ptr + tl.program_id(2) * parts_stride + offs, acc_g, mask=mask)
+        tl.store(u_ptr + tl.program_id(2) * parts_stride + offs, acc_u, mask=mask)
 
 
 @triton.jit
@@ -173,13 +203,16 @@ def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, p
         acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D0, BM, BN, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D1, BM, BN, ACT_BF16, INTERPRET)
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D1, BM, BN, ACT_BF16,
+                        INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D2, BM, BN, ACT_BF16, INTERPRET)
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D2, BM, BN, ACT_BF16,
+                        INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D3, BM, BN, ACT_BF16, INTERPRET)
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D3, BM, BN, ACT_BF16,
+                        INTERPRET)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     n = mt0 * 16 + tl.arange(0, BN)
     tl.atomic_add(out_ptr + tok.to(tl.int64)[None, :] * H + n[:, None], acc * wt[None, :],
@@ -218,9 +251,17 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     """
     ids, blk, n_blocks = align(flat_ids, experts.num_experts, cfg.block_m)
     pairs, hid, inter, e = flat_ids.numel(), experts.hidden, experts.intermediate, experts.num_experts
-    h = torch.empty(n_blocks * cfg.block_m, inter, dtype=x.dtype, device=x.device)
+    slots = n_blocks * cfg.block_m
+    up_tiles, down_tiles = hid // TILE_K, inter // TILE_K
+    up_chunk = triton.cdiv(up_tiles, max(1, min(cfg.up_split_k, up_tiles)))
+    parts = triton.cdiv(up_tiles, up_chunk)
+    h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
+    g = u = h
+    if parts > 1:  # float32 partial gate and up products, one per K piece
+        g, u = torch.empty(2, parts, slots, inter, dtype=torch.float32, device=x.device)
     store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype))
-    common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=x.dtype == torch.bfloat16, INTERPRET=interpret,
+    act_bf16 = x.dtype == torch.bfloat16
+    common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=act_bf16, INTERPRET=interpret,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     per_launch = max(1, min(cfg.variants_per_launch, MAX_VARIANTS))
     variant = experts.fragment_variant
@@ -228,19 +269,20 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
         chunk = experts.fragment_up_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
         specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
-        grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n))
-        _check_operand_layout(_fragment_up_kernel[grid](x, x.stride(0), ids, blk, variant, *store, h, pairs, hid,
-                                                        inter, e, base, NUM_V=len(chunk), BN=cfg.up_block_n,
-                                                        **specs_kw, **common))
-    tiles = inter // TILE_K
-    k_tiles = triton.cdiv(tiles, max(1, min(cfg.split_k, tiles)))
+        grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n), parts)
+        _check_operand_layout(_fragment_up_kernel[grid](x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid,
+                                                        inter, e, base, up_chunk, slots * inter, NUM_V=len(chunk),
+                                                        BN=cfg.up_block_n, PARTS=parts, **specs_kw, **common))
+    if parts > 1:
+        _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, pairs, inter, slots * inter, PARTS=parts,
+                                                          BLOCK=1024, ACT_BF16=act_bf16, INTERPRET=interpret)
+    down_chunk = triton.cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))
     for base in range(0, len(experts.fragment_down_variants), per_launch):
         chunk = experts.fragment_down_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
-        grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(tiles, k_tiles))
-        _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs, hid,
-                                                          inter, e, base, k_tiles, NUM_V=len(chunk),
-                                                          BN=cfg.down_block_n,
+        grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(down_tiles, down_chunk))
+        _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs,
+                                                          hid, inter, e, base, down_chunk,
+                                                          NUM_V=len(chunk), BN=cfg.down_block_n,
                                                           **{f"D{i}": code for i, code in enumerate(padded)},
                                                           **common))
-

@@ -132,13 +132,26 @@ def _codes(w, MT: tl.constexpr, BITS: tl.constexpr, ACT_BF16: tl.constexpr, INTE
 
 
 @triton.jit
-def fragment_tile(lane_ptr, sz_ptr, mt0, kt, row_blocks, row_tiles, groups,
+def tile_scales(sz_ptr, mt0, kt, row_blocks, groups, SPEC: tl.constexpr, BN: tl.constexpr):
+    """The scale pairs of tile ``kt`` of rows ``16 mt0 ..``: ([MT, 2, 8, NG] s, same for the offsets)."""
+    GS: tl.constexpr = SPEC // 256
+    MT: tl.constexpr = BN // 16
+    NG: tl.constexpr = 64 // GS if GS < 64 else 1
+    mt = mt0 + tl.arange(0, MT)[:, None, None, None]
+    rows = mt * 16 + tl.arange(0, 2)[None, :, None, None] * 8 + tl.arange(0, 8)[None, None, :, None]
+    grp = (kt * 64) // GS + tl.arange(0, NG)[None, None, None, :]
+    pair = sz_ptr + (rows.to(tl.int64) * groups + grp) * 2
+    ok = mt < row_blocks
+    return tl.load(pair, mask=ok, other=0.0), tl.load(pair + 1, mask=ok, other=0.0)
+
+
+@triton.jit
+def fragment_tile(lane_ptr, s4, nz4, mt0, kt, row_blocks, row_tiles,
                   SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """W[16 mt0 : 16 mt0 + BN, 64 kt : 64 kt + 64] of one weight in the activation dtype.
 
     ``lane_ptr`` points at the weight's lane words (int32; int16 for 2-bit
-    codes), ``sz_ptr`` at its scale pairs ``[rows, groups, 2]``
-    (``fragments.scale_pairs``);
+    codes), ``s4``/``nz4`` are the tile's scale pairs (``tile_scales``);
     ``row_blocks`` = rows / 16 and ``row_tiles`` = columns / 64.  Row blocks
     past the weight read as zero weights.
     """
@@ -158,14 +171,9 @@ def fragment_tile(lane_ptr, sz_ptr, mt0, kt, row_blocks, row_tiles, groups,
     else:
         w = _fragment(tl.load(lane_ptr.to(tl.pointer_type(tl.int16)) + (lane * 4 + block), mask=ok, other=0), MT)
     c = _codes(w, MT, BITS, ACT_BF16, INTERPRET)
-    # Scale pairs: one per (row, group); a tile holds NG whole groups or lies inside one.
+    # One scale pair per (row, group): a tile holds NG whole groups or lies inside one.
     NG: tl.constexpr = 64 // GS if GS < 64 else 1
     WIDTH: tl.constexpr = GS if GS < 64 else 64
-    rows = mt[:, None, None, None] * 16 + tl.arange(0, 2)[None, :, None, None] * 8 + tl.arange(0, 8)[None, None, :, None]
-    grp = (kt * 64) // GS + tl.arange(0, NG)[None, None, None, :]
-    pair = sz_ptr + (rows.to(tl.int64) * groups + grp) * 2
-    s4 = tl.load(pair, mask=ok, other=0.0)
-    nz4 = tl.load(pair + 1, mask=ok, other=0.0)
     s = tl.reshape(tl.broadcast_to(s4[:, :, :, :, None], [MT, 2, 8, NG, WIDTH]), [BN, 64])
     nz = tl.reshape(tl.broadcast_to(nz4[:, :, :, :, None], [MT, 2, 8, NG, WIDTH]), [BN, 64])
     if INTERPRET:  # one rounding, as the GPU's fused multiply-add
