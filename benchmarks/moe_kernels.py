@@ -326,9 +326,10 @@ FRAGMENT_SWEEP = {
         for up, down, st in [(1, 4, 3), (2, 8, 3), (4, 8, 3), (4, 8, 4), (8, 16, 3), (4, 16, 3)]],
     16: [kfrag.FragmentConfig(16, 64, 64, down, 4, st, up)
          for up, down, st in [(1, 2, 3), (2, 2, 3), (2, 4, 3), (1, 4, 4)]],
-    "prefill": [kfrag.FragmentConfig(bm, bn, bn, 1, w, st)
-                for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 4, 4), (64, 64, 4, 3), (128, 128, 8, 4),
-                                      (128, 64, 4, 2)]],
+    "prefill": [kfrag.FragmentConfig(bm, bn, bn, 1, w, st, split_gate_up=sep)
+                for bm, bn, w, st, sep in [(128, 64, 4, 3, False), (128, 64, 4, 4, False), (64, 64, 4, 3, False),
+                                           (128, 64, 4, 3, True), (256, 64, 4, 3, True), (256, 128, 8, 3, True),
+                                           (128, 128, 8, 3, True)]],
 }
 #: Sections a run can be limited to with ``--parts``.
 PARTS = ("dequant", "decode", "prefill")

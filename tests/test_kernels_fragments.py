@@ -121,15 +121,15 @@ def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
     assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
 
 
-def test_gate_and_up_in_k_pieces():
-    """Decode splits gate/up along K: float32 pieces summed, SiLU applied, by the down stage."""
+def test_gate_and_up_in_k_pieces_and_in_separate_programs():
+    """Gate/up split along K, or into one program each: float32 pieces that ``_gated_kernel`` joins."""
     rng = np.random.default_rng(4)
     experts, dense = make_layer([FRAGMENT_SETS[0], FRAGMENT_SETS[1], FRAGMENT_SETS[3]], rng, hidden=192, inter=128)
     x = torch.from_numpy(rng.standard_normal((2, 192))).to(torch.bfloat16).to(DEVICE)
     ids, wts = routing(2, 3, 2, rng)
     want = reference(x, ids.cpu(), wts.cpu(), dense)
-    for pieces in (2, 3):
-        config = dataclasses.replace(DECODE, up_split_k=pieces)
+    for pieces, separate in ((2, False), (3, False), (1, True), (2, True)):
+        config = dataclasses.replace(DECODE, up_split_k=pieces, split_gate_up=separate)
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 

@@ -38,6 +38,13 @@ kernels cannot read (``unsupported(...)`` says why: group sizes without a
 power-of-two divisor >= 16, nf4/fp4 blocks straddling rows) makes ``build``
 raise ``ValueError``: the loader should then keep its torch path for that
 layer.
+
+On Hopper GPUs (and in the interpreter), ``build`` stores the int2/int4/int8
+experts of whole 16 x 64 tiles in the fragment layout (``fragments``), read
+by the fragment kernels (``fragment_moe``): tensor-core products at every
+batch size with weights dequantized in the registers that feed them.  The
+other experts of the layer run in the original kernels (``moe``), in the
+same call.  ``MOECONV_FRAGMENTS=0`` keeps every expert in the original ones.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ class FragmentConfig:
     split_k: int  # K pieces of the down projection
     num_warps: int
     num_stages: int
-    up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; SiLU then moves to the down stage)
+    up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; SiLU then runs in ``_gated_kernel``)
+    split_gate_up: bool = False  # gate and up in separate programs (``_fragment_projection_kernel``)
     variants_per_launch: int = MAX_VARIANTS
 
 
@@ -107,6 +108,24 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt
         wu = fragment_tile(ul, us, uz, mt0, kt, row_blocks, row_tiles, USPEC, BN, ACT_BF16, INTERPRET)
         acc_u = mma(wu, xt, acc_u, INTERPRET)
     return acc_g, acc_u
+
+
+@triton.jit
+def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0,
+                SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """One of gate or up [BN, BM] (float32) over storage tiles [kt_lo, kt_hi)."""
+    acc = tl.zeros([BN, BM], tl.float32)
+    x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
+    cols = tl.arange(0, 64)[None, :]
+    row_blocks, row_tiles = I // 16, H // 64
+    groups = tl.cdiv(H, SPEC // 256)
+    for kt in range(kt_lo, kt_hi):
+        ws, wz = tile_scales(wp, mt0, kt, row_blocks, groups, SPEC, BN)
+        xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
+        w = fragment_tile(wl, ws, wz, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET)
+        acc = mma(w, xt, acc, INTERPRET)
+    return acc
 
 
 @triton.jit
@@ -186,6 +205,49 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
 
 
 @triton.jit
+def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, g_ptr, u_ptr,
+                                A, H, I, E, VBASE, k_tiles, parts_stride,
+                                S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+                                NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Gate or up alone (odd N blocks: up), for experts whose gate and up share a scheme.
+
+    Half the accumulators of ``_fragment_up_kernel`` let a program take
+    twice the tokens, so each dequantized tile feeds twice the products;
+    ``_gated_kernel`` joins the two halves.
+    """
+    e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
+    if v < 0:
+        return
+    which = tl.program_id(1) % 2
+    mt0 = tl.program_id(1) // 2 * (BN // 16)
+    kt_lo = tl.program_id(2) * k_tiles
+    kt_hi = tl.minimum(kt_lo + k_tiles, H // 64)
+    wl, wp = _weight(off_ptr, lane_ptr, pair_ptr, (which * E + e) * 2)
+    acc = tl.zeros([BN, BM], tl.float32)
+    if v == 0:
+        acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S0, BM, BN, ACT_BF16,
+                          INTERPRET)
+    if NUM_V > 1:
+        if v == 1:
+            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S1, BM, BN, ACT_BF16,
+                              INTERPRET)
+    if NUM_V > 2:
+        if v == 2:
+            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S2, BM, BN, ACT_BF16,
+                              INTERPRET)
+    if NUM_V > 3:
+        if v == 3:
+            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S3, BM, BN, ACT_BF16,
+                              INTERPRET)
+    n = mt0 * 16 + tl.arange(0, BN)
+    offs = tl.program_id(2) * parts_stride + slot.to(tl.int64)[None, :] * I + n[:, None]
+    mask = valid[None, :] & (n < I)[:, None]
+    out = g_ptr if which == 0 else u_ptr
+    tl.store(out + offs, acc, mask=mask)
+
+
+@triton.jit
 def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, wt_ptr, out_ptr,
                           A, H, I, E, VBASE, k_tiles,
                           D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
@@ -255,9 +317,10 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     up_tiles, down_tiles = hid // TILE_K, inter // TILE_K
     up_chunk = triton.cdiv(up_tiles, max(1, min(cfg.up_split_k, up_tiles)))
     parts = triton.cdiv(up_tiles, up_chunk)
+    separate = cfg.split_gate_up and all(gate == up for gate, up in experts.fragment_up_variants)
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     g = u = h
-    if parts > 1:  # float32 partial gate and up products, one per K piece
+    if parts > 1 or separate:  # float32 gate and up products, one per K piece
         g, u = torch.empty(2, parts, slots, inter, dtype=torch.float32, device=x.device)
     store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype))
     act_bf16 = x.dtype == torch.bfloat16
@@ -269,11 +332,18 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
         chunk = experts.fragment_up_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
         specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
-        grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n), parts)
-        _check_operand_layout(_fragment_up_kernel[grid](x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid,
-                                                        inter, e, base, up_chunk, slots * inter, NUM_V=len(chunk),
-                                                        BN=cfg.up_block_n, PARTS=parts, **specs_kw, **common))
-    if parts > 1:
+        n_blocks_up = triton.cdiv(inter, cfg.up_block_n)
+        if separate:
+            grid = (n_blocks, 2 * n_blocks_up, parts)
+            compiled = _fragment_projection_kernel[grid](
+                x, x.stride(0), ids, blk, variant, *store, g, u, pairs, hid, inter, e, base, up_chunk, slots * inter,
+                NUM_V=len(chunk), BN=cfg.up_block_n, **{f"S{i}": pair[0] for i, pair in enumerate(padded)}, **common)
+        else:
+            compiled = _fragment_up_kernel[(n_blocks, n_blocks_up, parts)](
+                x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid, inter, e, base, up_chunk,
+                slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **specs_kw, **common)
+        _check_operand_layout(compiled)
+    if parts > 1 or separate:
         _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, pairs, inter, slots * inter, PARTS=parts,
                                                           BLOCK=1024, ACT_BF16=act_bf16, INTERPRET=interpret)
     down_chunk = triton.cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))

@@ -27,6 +27,9 @@ Two paths, chosen by the number of (token, expert) pairs:
 * ``dot`` (batches, prefill): pairs sorted by expert and padded to blocks of
   BM (as vLLM's ``moe_align_block_size``), tensor-core ``tl.dot`` on
   dequantized BF16/FP16 tiles.
+
+Experts stored in the fragment layout are not run here: ``fused_moe`` hands
+them to ``fragment_moe`` and adds both shares into one output.
 """
 
 from __future__ import annotations
