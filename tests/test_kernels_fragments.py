@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from test_kernels_dequant import DEVICE, random_parts, to_torch  # noqa: E402
+from test_kernels_dequant import DEVICE, random_parts, ref_dequantize, to_torch  # noqa: E402
 from test_kernels_moe import assert_close, make_layer, reference, routing  # noqa: E402
 
 from moeconv_torch.dequant import unpack_codes  # noqa: E402
@@ -28,29 +28,37 @@ from moeconv_torch.kernels.fragment_moe import FragmentConfig  # noqa: E402
 H, I = 64, 128
 
 
-@pytest.mark.parametrize("bits", fragments.FRAGMENT_BITS)
-def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(bits):
-    rng = np.random.default_rng(bits)
+@pytest.mark.parametrize("scheme", ["int2", "int4", "int8", "nf4"])
+def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
+    rng = np.random.default_rng(len(scheme))
     n, k = 32, 192
-    qweight = torch.from_numpy(rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8))
-    lanes = fragments.to_fragments(qweight, bits, (n, k))
-    assert lanes.shape == fragments.lane_shape(bits, (n, k)) and lanes.dtype == fragments.LANE_DTYPE[bits]
-    codes = unpack_codes(qweight, bits, k).long()
+    bits = fragments.lane_bits(scheme)
+    table = scheme == "nf4"
+    qweight = torch.from_numpy(rng.integers(0, 256, (n * k // 2,) if table else (n, k * bits // 8), dtype=np.uint8))
+    lanes = fragments.to_fragments(qweight, scheme, (n, k))
+    assert lanes.shape == fragments.lane_shape(scheme, (n, k)) and lanes.dtype == fragments.LANE_DTYPE[bits]
+    if table:  # bitsandbytes order: the first code of a byte in its high nibble
+        codes = torch.stack((qweight >> 4, qweight & 15), dim=-1).view(n, k).long()
+    else:
+        codes = unpack_codes(qweight, bits, k).long()
     words = lanes.long() & ((1 << (8 * lanes.element_size())) - 1)
     for r in range(n):
         for c in range(k):
             rh, r0, blk, kh, lane_c, kl = (r // 8) % 2, r % 8, (c // 16) % 4, (c // 8) % 2, (c // 2) % 4, c % 2
             if bits == 8:
                 word, pos = words[r // 16, c // 64, r0, lane_c, 2 * blk + kh], 8 * (rh + 2 * kl)
+            elif table:
+                word, pos = words[r // 16, c // 64, r0, lane_c, blk], 4 * (kl + 2 * rh + 4 * kh)
             else:
                 word, pos = words[r // 16, c // 64, r0, lane_c, blk], bits * (rh + 2 * kh + 4 * kl)
             assert (int(word) >> pos) & ((1 << bits) - 1) == codes[r, c]
-    assert torch.equal(fragments.from_fragments(lanes, bits, (n, k), qweight.shape[1]), qweight)
+    assert torch.equal(fragments.from_fragments(lanes, scheme, (n, k), qweight.shape), qweight)
 
 
 @pytest.mark.parametrize("scheme, shape, group, reason", [
     ("int3", (32, 64), 64, "no fragment layout"),
-    ("nf4", (32, 64), 64, "no fragment layout"),
+    ("mxfp4", (32, 64), 32, "no fragment layout"),
+    ("nf4", (32, 192), 128, "straddle rows"),
     ("int4", (24, 64), 64, "whole 16 x 64 tiles"),
     ("int4", (32, 96), 32, "whole 16 x 64 tiles"),
     ("int4", (32, 64), 8, "group size 8"),
@@ -60,17 +68,31 @@ def test_weights_without_a_fragment_layout_say_why(scheme, shape, group, reason)
     assert reason in fragments.fragment_unsupported(scheme, shape, group)
 
 
-@pytest.mark.parametrize("scheme, group", [("int4", 128), ("int2-sym", 64), ("int8", 192)])
+@pytest.mark.parametrize("scheme, group", [("int4", 128), ("int2-sym", 64), ("int8", 192), ("nf4", 64), ("fp4", 128)])
 def test_supported_shapes_and_groups(scheme, group):
     assert fragments.fragment_unsupported(scheme, (48, 384), group) is None
 
 
 def test_scale_pairs_centre_the_codes():
-    scales = torch.tensor([[0.5, -0.25]], dtype=torch.float16)
-    zeros = torch.tensor([[3.0, 7.5]], dtype=torch.float16)
-    pairs = fragments.scale_pairs(scales, zeros, 4, torch.float32)
+    parts = {"scales": torch.tensor([[0.5, -0.25]], dtype=torch.float16),
+             "zeros": torch.tensor([[3.0, 7.5]], dtype=torch.float16)}
+    pairs = fragments.scale_pairs(parts, "int4", (1, 128), 64, torch.float32)
     assert pairs.tolist() == [[[0.5, 2.5], [-0.25, -0.125]]]  # (s, (8 - z) s): (c - 8) s + (8 - z) s = (c - z) s
-    assert fragments.scale_pairs(scales, None, 4, torch.bfloat16)[..., 1].eq(0).all()
+    assert fragments.scale_pairs({"scales": parts["scales"]}, "int4-sym", (1, 128), 64, torch.bfloat16)[..., 1].eq(0).all()
+    absmax = {"absmax": torch.tensor([0.5, 2.0, 1.0, 4.0])}
+    assert fragments.scale_pairs(absmax, "nf4", (2, 128), 64, torch.float32).tolist() == \
+        [[[0.5, 0.0], [2.0, 0.0]], [[1.0, 0.0], [4.0, 0.0]]]
+
+
+@pytest.mark.parametrize("scheme, group, dq", [("int4", 64, False), ("int8", 32, False), ("int2-sym", 64, False),
+                                               ("nf4", 64, True), ("fp4", 128, False)])
+def test_kernel_weights_stay_within_a_few_bfloat16_roundings_of_the_spec(scheme, group, dq):
+    rng = np.random.default_rng(2)
+    shape = (64, 256)
+    parts = random_parts(scheme, shape, group, dq, rng, scale=0.05)
+    spec = torch.from_numpy(ref_dequantize(parts, scheme, shape, group, dq))
+    got = fragments.kernel_weights(to_torch(parts, "cpu"), scheme, shape, group, torch.bfloat16)
+    assert 0 < float((got - spec).norm() / spec.norm()) < 4e-3
 
 
 FRAGMENT_SETS = [
@@ -79,26 +101,28 @@ FRAGMENT_SETS = [
     (("int2", 32, False),) * 3,
     (("int4-sym", 128, False),) * 3,
 ]
+TABLE_SETS = [(("nf4", 64, True),) * 3, (("fp4", 32, False),) * 3, (("nf4", 64, False), ("nf4", 64, False), ("int8", 64, False))]
 DECODE = FragmentConfig(16, 64, 64, 2, 4, 1)
 
 
+@pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config, tokens", [(DECODE, 3), (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
                          ids=["decode", "batch"])
-def test_fragment_experts_match_reference(config, tokens, dtype):
+def test_fragment_experts_match_reference(config, tokens, dtype, sets):
     rng = np.random.default_rng(7)
-    experts, dense = make_layer(FRAGMENT_SETS, rng)
+    experts, dense = make_layer(sets, rng)
     assert all(experts.fragment) and not experts.up_variants
     x = torch.from_numpy(rng.standard_normal((tokens, H))).to(dtype).to(DEVICE)
-    ids, wts = routing(tokens, len(FRAGMENT_SETS), 2, rng)
+    ids, wts = routing(tokens, len(sets), 2, rng)
     got = moe.fused_moe(x, ids, wts, experts, fragment_config=config)
     assert got.dtype == dtype and got.shape == (tokens, H)
     assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
 
 
 def test_fragment_and_other_experts_share_one_layer():
-    """int4/int8 experts in the fragment kernels, nf4/int3 ones in the others, one output; one variant a launch."""
-    quants = [FRAGMENT_SETS[0], (("nf4", 64, True),) * 3, FRAGMENT_SETS[1], (("int3", 64, False),) * 3]
+    """int4/int8 experts in the fragment kernels, mxfp4/int3 ones in the others, one output; one variant a launch."""
+    quants = [FRAGMENT_SETS[0], (("mxfp4", 32, False),) * 3, FRAGMENT_SETS[1], (("int3", 64, False),) * 3]
     rng = np.random.default_rng(3)
     experts, dense = make_layer(quants, rng)
     assert experts.fragment == (True, False, True, False)

@@ -27,7 +27,7 @@ from moeconv_numpy.schemes import (
     tensor_layout,
 )
 
-__all__ = ["dequantize", "dequantize_unchecked", "unpack_codes", "check_parts"]
+__all__ = ["dequantize", "dequantize_unchecked", "unpack_codes", "check_parts", "blockwise_absmax"]
 
 _TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "e2m1": E2M1_VALUES, "dynamic": DYNAMIC_MAP}
 _TORCH_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
@@ -75,7 +75,8 @@ def _dequant_int(parts: Mapping[str, torch.Tensor], bits: int, symmetric: bool, 
     return weight.view(rows, n_groups * group_size)[:, :cols].contiguous()
 
 
-def _blockwise_absmax(parts: Mapping[str, torch.Tensor], n_blocks: int, double_quant: bool) -> torch.Tensor:
+def blockwise_absmax(parts: Mapping[str, torch.Tensor], n_blocks: int, double_quant: bool) -> torch.Tensor:
+    """float32 absmax of each nf4/fp4 block, from its stored parts (double-quantized or not)."""
     if not double_quant:
         return parts["absmax"].float()
     n_super = math.ceil(n_blocks / DOUBLE_QUANT_BLOCK)
@@ -96,7 +97,7 @@ def _dequant_4bit_blockwise(
     codes = torch.stack((packed >> 4, packed & 15), dim=-1).view(-1)[:numel]
     values = _table(family, packed.device)[codes.long()]
     values = torch.nn.functional.pad(values, (0, n_blocks * group_size - numel))
-    absmax = _blockwise_absmax(parts, n_blocks, double_quant)
+    absmax = blockwise_absmax(parts, n_blocks, double_quant)
     return (values.view(n_blocks, group_size) * absmax.unsqueeze(-1)).view(-1)[:numel].view(rows, cols)
 
 

@@ -10,8 +10,8 @@ that code rows keep 16-byte loads.  ``offsets`` says where each part of each
 projection of each expert starts, and ``variant`` which compiled
 specialisation of the kernel reads it.
 
-Experts whose three projections have a fragment layout (int2/int4/int8 in
-whole 16 x 64 tiles, ``fragments.fragment_unsupported``) keep their codes in
+Experts whose three projections have a fragment layout (int2/int4/int8,
+nf4 and fp4 in whole 16 x 64 tiles, ``fragments.fragment_unsupported``) keep their codes in
 that layout instead, in a fourth buffer (``lanes``, int32), and run in the
 fragment kernels (``fragment_moe``); their scales and zeros stay in ``f16``,
 from which the scale pairs those kernels read are derived per
@@ -129,8 +129,7 @@ class PackedExperts:
                 for e in range(self.num_experts):
                     if self.fragment[e]:
                         w = self.weight(proj, e, codes=False)
-                        pair = fragments.scale_pairs(w.parts["scales"], w.parts.get("zeros"),
-                                                     scheme_info(w.scheme).bits, dtype)
+                        pair = fragments.scale_pairs(w.parts, w.scheme, self.shape(proj), w.group_size, dtype)
                         pieces.append((int(self.fragment_offsets[p, e, 1]), pair.reshape(-1)))
                         total = max(total, pieces[-1][0] + pair.numel())
             flat = torch.zeros(max(total, 2), dtype=dtype, device=self.device)
@@ -159,11 +158,11 @@ class PackedExperts:
             dtype, dims = layout[suffix]
             if suffix == "qweight" and self.fragment[expert]:
                 if codes:
-                    bits = scheme_info(scheme).bits
-                    start, count = int(self.fragment_offsets[p, expert, 0]), fragments.lane_elements(bits, shape)
-                    lanes = self.lanes[start:start + count * fragments.LANE_DTYPE[bits].itemsize // 4]
-                    lanes = lanes.view(fragments.LANE_DTYPE[bits]).view(*fragments.lane_shape(bits, shape))
-                    parts[suffix] = fragments.from_fragments(lanes, bits, shape, dims[1])
+                    dtype = fragments.LANE_DTYPE[fragments.lane_bits(scheme)]
+                    start, count = int(self.fragment_offsets[p, expert, 0]), fragments.lane_elements(scheme, shape)
+                    lanes = self.lanes[start:start + count * dtype.itemsize // 4]
+                    lanes = lanes.view(dtype).view(*fragments.lane_shape(scheme, shape))
+                    parts[suffix] = fragments.from_fragments(lanes, scheme, shape, dims)
                 continue
             start = int(self.offsets[p, expert, ROLES.index(role)])
             parts[suffix] = buffers[dtype][start:start + math.prod(dims)].view(dims)
@@ -237,10 +236,9 @@ class PackedExperts:
         for p, e, flat in lane_parts:
             proj = PROJECTIONS[p]
             scheme, group_size, _ = quant[proj][e]
-            bits = scheme_info(scheme).bits
             shape = (hidden, intermediate) if proj == "down" else (intermediate, hidden)
             start = -(-words // 32) * 32
-            lanes = fragments.to_fragments(flat.view(shape[0], -1), bits, shape).reshape(-1).view(torch.int32)
+            lanes = fragments.to_fragments(flat, scheme, shape).reshape(-1).view(torch.int32)
             fragment_offsets[p, e] = torch.tensor([start, pairs])
             placed.append((start, lanes))
             words = start + lanes.numel()

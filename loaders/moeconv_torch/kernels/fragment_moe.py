@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .experts import PackedExperts
 from .fragment_tiles import fragment_tile, tile_scales
+from .dequant import tables
 from .fragments import TILE_K
 from .tiles import mma, round_to
 
@@ -88,7 +89,7 @@ def _block(ids_ptr, blk_ptr, var_ptr, pid_m, A, VBASE, NUM_V: tl.constexpr, TOPK
 
 
 @triton.jit
-def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0,
+def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
              GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights."""
@@ -103,15 +104,15 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt
         gs, gz = tile_scales(gp, mt0, kt, row_blocks, g_groups, GSPEC, BN)
         us, uz = tile_scales(up, mt0, kt, row_blocks, u_groups, USPEC, BN)
         xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        wg = fragment_tile(gl, gs, gz, mt0, kt, row_blocks, row_tiles, GSPEC, BN, ACT_BF16, INTERPRET)
+        wg = fragment_tile(gl, gs, gz, tab_ptr, mt0, kt, row_blocks, row_tiles, GSPEC, BN, ACT_BF16, INTERPRET)
         acc_g = mma(wg, xt, acc_g, INTERPRET)
-        wu = fragment_tile(ul, us, uz, mt0, kt, row_blocks, row_tiles, USPEC, BN, ACT_BF16, INTERPRET)
+        wu = fragment_tile(ul, us, uz, tab_ptr, mt0, kt, row_blocks, row_tiles, USPEC, BN, ACT_BF16, INTERPRET)
         acc_u = mma(wu, xt, acc_u, INTERPRET)
     return acc_g, acc_u
 
 
 @triton.jit
-def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0,
+def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0,
                 SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr,
                 INTERPRET: tl.constexpr):
     """One of gate or up [BN, BM] (float32) over storage tiles [kt_lo, kt_hi)."""
@@ -123,13 +124,13 @@ def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0,
     for kt in range(kt_lo, kt_hi):
         ws, wz = tile_scales(wp, mt0, kt, row_blocks, groups, SPEC, BN)
         xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        w = fragment_tile(wl, ws, wz, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET)
+        w = fragment_tile(wl, ws, wz, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET)
         acc = mma(w, xt, acc, INTERPRET)
     return acc
 
 
 @triton.jit
-def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0,
+def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
           SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Down product [BN, BM] (float32) over storage tiles [kt_lo, kt_hi) of the block's rows of ``h``."""
     acc = tl.zeros([BN, BM], tl.float32)
@@ -139,7 +140,7 @@ def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0,
     for kt in range(kt_lo, kt_hi):
         ds, dz = tile_scales(dp, mt0, kt, H // 16, groups, SPEC, BN)
         ht = tl.trans(tl.load(h_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        w = fragment_tile(dl, ds, dz, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
+        w = fragment_tile(dl, ds, dz, tab_ptr, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
         acc = mma(w, ht, acc, INTERPRET)
     return acc
 
@@ -163,7 +164,8 @@ def _gated_kernel(g_ptr, u_ptr, ids_ptr, h_ptr, A, I, parts_stride,
 
 
 @triton.jit
-def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, h_ptr, g_ptr, u_ptr,
+def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, h_ptr, g_ptr,
+                        u_ptr,
                         A, H, I, E, VBASE, k_tiles, parts_stride,
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
@@ -180,19 +182,19 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
     acc_g = tl.zeros([BN, BM], tl.float32)
     acc_u = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G0, U0, BM, BN,
+        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G0, U0, BM, BN,
                                 ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G1, U1,
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G1, U1,
                                     BM, BN, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G2, U2,
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G2, U2,
                                     BM, BN, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, mt0, G3, U3,
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G3, U3,
                                     BM, BN, ACT_BF16, INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
     offs = slot.to(tl.int64)[None, :] * I + n[:, None]
@@ -205,7 +207,8 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
 
 
 @triton.jit
-def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, g_ptr, u_ptr,
+def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, g_ptr,
+                                u_ptr,
                                 A, H, I, E, VBASE, k_tiles, parts_stride,
                                 S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                                 NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -226,19 +229,19 @@ def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_
     wl, wp = _weight(off_ptr, lane_ptr, pair_ptr, (which * E + e) * 2)
     acc = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S0, BM, BN, ACT_BF16,
+        acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S0, BM, BN, ACT_BF16,
                           INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S1, BM, BN, ACT_BF16,
+            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S1, BM, BN, ACT_BF16,
                               INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S2, BM, BN, ACT_BF16,
+            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S2, BM, BN, ACT_BF16,
                               INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, mt0, S3, BM, BN, ACT_BF16,
+            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S3, BM, BN, ACT_BF16,
                               INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
     offs = tl.program_id(2) * parts_stride + slot.to(tl.int64)[None, :] * I + n[:, None]
@@ -248,7 +251,7 @@ def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_
 
 
 @triton.jit
-def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, wt_ptr, out_ptr,
+def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, wt_ptr, out_ptr,
                           A, H, I, E, VBASE, k_tiles,
                           D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                           NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -262,18 +265,18 @@ def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, p
     kt_hi = tl.minimum(kt_lo + k_tiles, I // 64)
     acc = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D0, BM, BN, ACT_BF16, INTERPRET)
+        acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D0, BM, BN, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D1, BM, BN, ACT_BF16,
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D1, BM, BN, ACT_BF16,
                         INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D2, BM, BN, ACT_BF16,
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D2, BM, BN, ACT_BF16,
                         INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, mt0, D3, BM, BN, ACT_BF16,
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D3, BM, BN, ACT_BF16,
                         INTERPRET)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     n = mt0 * 16 + tl.arange(0, BN)
@@ -322,7 +325,7 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     g = u = h
     if parts > 1 or separate:  # float32 gate and up products, one per K piece
         g, u = torch.empty(2, parts, slots, inter, dtype=torch.float32, device=x.device)
-    store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype))
+    store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype), tables(x.device))
     act_bf16 = x.dtype == torch.bfloat16
     common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=act_bf16, INTERPRET=interpret,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import round_to
+from moeconv_numpy.schemes import FP4_CODE, NF4_CODE
+
+from .tiles import lookup, round_to
 
 
 def _asm(bits: int, bf16: bool) -> str:
@@ -68,6 +70,42 @@ def _asm(bits: int, bf16: bool) -> str:
     return "{\n.reg .b32 t, u, w, one, neg, sixteen, bias;\n" + "\n".join(lines) + "\n}"
 
 
+def _table_asm(table, bf16: bool) -> str:
+    """PTX: two lane words of 4-bit table codes -> their 16 table values (8 half pairs), looked up with ``prmt``.
+
+    The 16 entries' low and high bytes sit in eight registers; ``prmt`` picks
+    a byte for each of four codes at once among eight (the code's low three
+    bits), from entries 0-7 and from 8-15, and the code's high bit chooses
+    between the two (a byte mask that ``prmt``'s sign-replicate mode makes).
+    Codes sit in nibbles ``kl + 2 rh + 4 kh``: nibbles 0-3 give the pairs of
+    a block's registers 0 and 1, nibbles 4-7 those of 2 and 3.  Two blocks
+    per asm (``pack=16``: inputs $8 and $16 are their words) halve the cost
+    of materialising the table, which ptxas does once per asm.
+    """
+    halves = torch.tensor([float(v) for v in table], dtype=torch.bfloat16 if bf16 else torch.float16)
+    bits = [int(b) & 0xFFFF for b in halves.view(torch.int16).tolist()]
+    lines = []
+    for name, shift in (("l", 0), ("h", 8)):
+        for r in range(4):
+            word = sum(((bits[4 * r + i] >> shift) & 0xFF) << (8 * i) for i in range(4))
+            lines.append(f"mov.b32 {name}{r}, 0x{word:08X};")
+    lines.append("mov.b32 k, 0x00008000;")
+    for block, word in enumerate(("$8", "$16")):
+        for half in range(2):
+            out0, out1 = f"${4 * block + 2 * half}", f"${4 * block + 2 * half + 1}"
+            src = word
+            if half:
+                lines.append(f"shr.b32 u, {word}, 16;")
+                src = "u"
+            lines += [f"and.b32 s, {src}, 0x7777;", f"shr.b32 t, {src}, 3;", "lop3.b32 m, t, 0x1111, 0x8888, 0xEA;",
+                      "prmt.b32 m, k, k, m;",
+                      "prmt.b32 a, l0, l1, s;", "prmt.b32 b, l2, l3, s;", "lop3.b32 lo, a, b, m, 0xD8;",
+                      "prmt.b32 a, h0, h1, s;", "prmt.b32 b, h2, h3, s;", "lop3.b32 hi, a, b, m, 0xD8;",
+                      f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
+    regs = "t, u, s, m, k, a, b, lo, hi, l0, l1, l2, l3, h0, h1, h2, h3"
+    return "{\n.reg .b32 " + regs + ";\n" + "\n".join(lines) + "\n}"
+
+
 def _pair(value: float, bf16: bool) -> str:
     """A packed pair of ``value`` as a PTX hex literal (exact in both halves dtypes for the constants used)."""
     bits = torch.tensor([value], dtype=torch.bfloat16 if bf16 else torch.float16).view(torch.int16).item() & 0xFFFF
@@ -76,9 +114,13 @@ def _pair(value: float, bf16: bool) -> str:
 
 ASM2_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 4, 8))
 ASM2_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 4, 8))
+NF4_BF16, NF4_F16 = (tl.constexpr(_table_asm(NF4_CODE, bf16)) for bf16 in (True, False))
+FP4_BF16, FP4_F16 = (tl.constexpr(_table_asm(FP4_CODE, bf16)) for bf16 in (True, False))
 #: Four outputs (pairs of halves); eight 32-bit inputs, or four holding two 16-bit elements each.
 IO_32 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 8))
 IO_16 = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 4))
+#: The table asm: eight outputs, sixteen 32-bit inputs (two blocks).
+IO_TABLE = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
 
 
 @triton.jit
@@ -96,33 +138,53 @@ def _fragment_kh(x, MT: tl.constexpr):
 
 
 @triton.jit
-def _code_bits(MT: tl.constexpr, BITS: tl.constexpr):
+def _code_bits(MT: tl.constexpr, BITS: tl.constexpr, TABLE: tl.constexpr):
     """[MT * 16, 64] bit offset of each element's code in its lane word (interpreter path)."""
     rh = tl.arange(0, 2)[None, :, None, None, None, None, None]
     kh = tl.arange(0, 2)[None, None, None, None, :, None, None]
     kl = tl.arange(0, 2)[None, None, None, None, None, None, :]
     if BITS == 8:
         pos = 8 * (rh + 2 * kl) + 0 * kh
+    elif TABLE:
+        pos = 4 * (kl + 2 * rh + 4 * kh)
     else:
         pos = BITS * (rh + 2 * kh + 4 * kl)
     return tl.reshape(tl.broadcast_to(pos, [MT, 2, 8, 4, 2, 4, 2]), [MT * 16, 64])
 
 
 @triton.jit
-def _codes(w, MT: tl.constexpr, BITS: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Codes minus 2^(BITS-1) of the lane words ``w`` (spread to [BN, 64]), exact, in the activation dtype."""
+def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """What the codes of the lane words ``w`` (spread to [BN, 64]) stand for, exact in the activation dtype.
+
+    Int codes minus 2^(bits-1); nf4/fp4 codes as their table entries rounded
+    to the activation dtype (``tab_ptr``: ``specs.code_tables``, read by the
+    interpreter only).
+    """
+    FAM: tl.constexpr = SPEC % 4
+    BITS: tl.constexpr = SPEC // 4 % 16
     if INTERPRET:
-        c = (w.to(tl.int32) >> _code_bits(MT, BITS)) & ((1 << BITS) - 1)
-        v = round_to((c - (1 << (BITS - 1))).to(tl.float32), ACT_BF16, INTERPRET)  # small integers: exact
+        c = (w.to(tl.int32) >> _code_bits(MT, BITS, FAM != 0)) & ((1 << BITS) - 1)
+        if FAM == 0:
+            v = round_to((c - (1 << (BITS - 1))).to(tl.float32), ACT_BF16, INTERPRET)  # small integers: exact
+        else:  # nf4, fp4 tables at 0 and 16 (specs.TAB_*)
+            v = round_to(lookup(tab_ptr + 16 * (FAM - 1) + c), ACT_BF16, INTERPRET)
     elif ACT_BF16:
-        if BITS == 8:
+        if FAM == 1:
+            v = tl.inline_asm_elementwise(NF4_BF16, IO_TABLE, [w], dtype=tl.bfloat16, is_pure=True, pack=16)
+        elif FAM == 2:
+            v = tl.inline_asm_elementwise(FP4_BF16, IO_TABLE, [w], dtype=tl.bfloat16, is_pure=True, pack=16)
+        elif BITS == 8:
             v = tl.inline_asm_elementwise(ASM8_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
         elif BITS == 4:
             v = tl.inline_asm_elementwise(ASM4_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
         else:
             v = tl.inline_asm_elementwise(ASM2_BF16, IO_16, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
     else:
-        if BITS == 8:
+        if FAM == 1:
+            v = tl.inline_asm_elementwise(NF4_F16, IO_TABLE, [w], dtype=tl.float16, is_pure=True, pack=16)
+        elif FAM == 2:
+            v = tl.inline_asm_elementwise(FP4_F16, IO_TABLE, [w], dtype=tl.float16, is_pure=True, pack=16)
+        elif BITS == 8:
             v = tl.inline_asm_elementwise(ASM8_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
         elif BITS == 4:
             v = tl.inline_asm_elementwise(ASM4_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
@@ -146,12 +208,13 @@ def tile_scales(sz_ptr, mt0, kt, row_blocks, groups, SPEC: tl.constexpr, BN: tl.
 
 
 @triton.jit
-def fragment_tile(lane_ptr, s4, nz4, mt0, kt, row_blocks, row_tiles,
+def fragment_tile(lane_ptr, s4, nz4, tab_ptr, mt0, kt, row_blocks, row_tiles,
                   SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """W[16 mt0 : 16 mt0 + BN, 64 kt : 64 kt + 64] of one weight in the activation dtype.
 
     ``lane_ptr`` points at the weight's lane words (int32; int16 for 2-bit
-    codes), ``s4``/``nz4`` are the tile's scale pairs (``tile_scales``);
+    codes), ``s4``/``nz4`` are the tile's scale pairs (``tile_scales``),
+    ``tab_ptr`` the code tables (interpreter only);
     ``row_blocks`` = rows / 16 and ``row_tiles`` = columns / 64.  Row blocks
     past the weight read as zero weights.
     """
@@ -170,7 +233,7 @@ def fragment_tile(lane_ptr, s4, nz4, mt0, kt, row_blocks, row_tiles,
         w = _fragment(tl.load(lane_ptr + (lane * 4 + block), mask=ok, other=0), MT)
     else:
         w = _fragment(tl.load(lane_ptr.to(tl.pointer_type(tl.int16)) + (lane * 4 + block), mask=ok, other=0), MT)
-    c = _codes(w, MT, BITS, ACT_BF16, INTERPRET)
+    c = _codes(w, tab_ptr, MT, SPEC, ACT_BF16, INTERPRET)
     # One scale pair per (row, group): a tile holds NG whole groups or lies inside one.
     NG: tl.constexpr = 64 // GS if GS < 64 else 1
     WIDTH: tl.constexpr = GS if GS < 64 else 64

@@ -44,12 +44,14 @@ import os
 
 import torch
 
-from moeconv_numpy.schemes import scheme_info
+from moeconv_numpy.schemes import FP4_CODE, NF4_CODE, scheme_info
 
-from ..dequant import unpack_codes
+from ..dequant import blockwise_absmax, unpack_codes
 
-#: Code widths with a fragment layout.
+#: Int code widths with a fragment layout.
 FRAGMENT_BITS = (2, 4, 8)
+#: 4-bit table schemes with a fragment layout (their codes index a 16-entry table).
+TABLE_FAMILIES = ("nf4", "fp4")
 #: Columns of one storage tile: a lane's codes of four 16 x 16 blocks.
 TILE_K = 64
 #: Rows of one block.
@@ -86,14 +88,21 @@ def fragment_unsupported(scheme: str, shape: tuple[int, int], group_size: int) -
     """
     info = scheme_info(scheme)
     rows, cols = shape
-    if info.family != "int" or info.bits not in FRAGMENT_BITS:
-        return f"{scheme} has no fragment layout (int{'/int'.join(map(str, FRAGMENT_BITS))} only)"
+    if not (info.family in TABLE_FAMILIES or (info.family == "int" and info.bits in FRAGMENT_BITS)):
+        return f"{scheme} has no fragment layout (int2/int4/int8, nf4 and fp4 only)"
     if rows % TILE_N or cols % TILE_K:
         return f"shape {list(shape)} is not whole {TILE_N} x {TILE_K} tiles"
     power_of_two = group_size & (group_size - 1) == 0
     if not ((power_of_two and group_size >= TILE_N) or group_size % TILE_K == 0):
         return f"group size {group_size} is neither a power of two >= {TILE_N} nor a multiple of {TILE_K}"
+    if info.family in TABLE_FAMILIES and cols % group_size:
+        return f"{scheme} blocks of {group_size} straddle rows of {cols} columns"
     return None
+
+
+def lane_bits(scheme: str) -> int:
+    """Code width of a scheme's lanes (the table schemes use 4-bit lanes)."""
+    return scheme_info(scheme).bits
 
 
 def _block_order(codes: torch.Tensor) -> torch.Tensor:
@@ -120,78 +129,107 @@ def _split(values: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((unsigned.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
 
 
-def to_fragments(qweight: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
-    """A stored int qweight (uint8 ``[N, row_bytes]``, format v1) in the fragment layout."""
+def _codes(qweight: torch.Tensor, scheme: str, shape: tuple[int, int]) -> torch.Tensor:
+    """uint8 codes [N, K] of a stored qweight: an int bit stream per row, or nf4/fp4 pairs (first code high)."""
     n, k = shape
-    blocks = _block_order(unpack_codes(qweight, bits, k).contiguous())
+    if scheme_info(scheme).family in TABLE_FAMILIES:
+        return torch.stack((qweight >> 4, qweight & 15), dim=-1).view(n, k)
+    return unpack_codes(qweight.view(n, -1), lane_bits(scheme), k)
+
+
+def to_fragments(qweight: torch.Tensor, scheme: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A stored qweight (format v1) in the fragment layout (``lane_shape``)."""
+    bits, table = lane_bits(scheme), scheme_info(scheme).family in TABLE_FAMILIES
+    blocks = _block_order(_codes(qweight, scheme, shape).contiguous())
     lead = blocks.shape[:4]
     if bits == 8:  # two words per block: kh outermost, then the byte index rh + 2 kl
         per_word = blocks.permute(0, 1, 2, 3, 4, 6, 5, 7).reshape(*lead, 4, 2, 4)
         return _join(per_word, 8, torch.int32).reshape(*lead, LANE_WORDS[8])
+    if table:  # nibble kl + 2 rh + 4 kh: a register's pair of codes in adjacent nibbles
+        blocks = blocks.permute(0, 1, 2, 3, 4, 6, 7, 5)
     return _join(blocks.reshape(*lead, 4, 8), bits, LANE_DTYPE[bits])
 
 
-def from_fragments(lanes: torch.Tensor, bits: int, shape: tuple[int, int], row_bytes: int) -> torch.Tensor:
-    """The inverse of ``to_fragments``: the stored qweight, padding bytes of the row zero as the spec says."""
+def from_fragments(lanes: torch.Tensor, scheme: str, shape: tuple[int, int], qweight_shape) -> torch.Tensor:
+    """The inverse of ``to_fragments``: the stored qweight, padding bytes zero as the spec says."""
     n, k = shape
+    bits, table = lane_bits(scheme), scheme_info(scheme).family in TABLE_FAMILIES
     lead = lanes.shape[:4]
     if bits == 8:
         per_word = _split(lanes.reshape(*lead, 4, 2), 8, 4)  # block, kh, (kl, rh)
         blocks = per_word.view(*lead, 4, 2, 2, 2).permute(0, 1, 2, 3, 4, 6, 5, 7)
+    elif table:
+        blocks = _split(lanes, bits, 8).view(*lead, 4, 2, 2, 2).permute(0, 1, 2, 3, 4, 7, 5, 6)
     else:
         blocks = _split(lanes, bits, 8).view(*lead, 4, 2, 2, 2)
     codes = blocks.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k)  # back to mt, rh, r0, kt, block, kh, c, kl
+    if table:
+        return ((codes[:, 0::2] << 4) | codes[:, 1::2]).reshape(qweight_shape)
     stream = _join(codes.view(n, k * bits // 8, 8 // bits), bits, torch.int16).to(torch.uint8)
-    qweight = torch.zeros(n, row_bytes, dtype=torch.uint8, device=lanes.device)
+    qweight = torch.zeros(qweight_shape, dtype=torch.uint8, device=lanes.device)
     qweight[:, : stream.shape[1]] = stream
     return qweight
 
 
-def scale_pairs(scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[N, groups, 2]`` of ``dtype``: each group's ``(s, (2^(bits-1) - z) s)``, each rounded once from float32.
+def _scales(parts, scheme: str, shape: tuple[int, int], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (s, offset) [N, groups]: a weight is ``(c - 2^(b-1)) s + offset``, or ``TABLE[c] s`` (offset 0)."""
+    info = scheme_info(scheme)
+    if info.family in TABLE_FAMILIES:
+        n_blocks = shape[0] * shape[1] // group_size
+        s = blockwise_absmax(parts, n_blocks, "absmax_q" in parts).view(shape[0], -1)
+        return s, torch.zeros_like(s)
+    s = parts["scales"].float()
+    half = float(1 << (info.bits - 1))
+    zeros = parts.get("zeros")
+    return s, ((half - zeros.float()) * s if zeros is not None else torch.zeros_like(s))
 
-    The fragment kernels compute ``(c - 2^(bits-1)) s + (2^(bits-1) - z) s``:
+
+def scale_pairs(parts, scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, groups, 2]`` of ``dtype``: each group's ``(s, offset)`` (``_scales``), each rounded once from float32.
+
+    For int codes the kernels compute ``(c - 2^(b-1)) s + (2^(b-1) - z) s``:
     with codes centred, neither term is much larger than the weight, so the
-    activation dtype's rounding of ``s`` and of the second term stays near
-    one rounding of the weight (bfloat16: about 0.3%, against about 1% for
-    ``c s - z s``).  ``zeros`` is None for the symmetric schemes, whose zero
-    point is ``2^(bits-1)`` (the second term is then exactly 0).
+    activation dtype's rounding of ``s`` and of the offset stays near one
+    rounding of the weight (bfloat16: about 0.3%, against about 1% for
+    ``c s - z s``).  Symmetric schemes (zero point ``2^(b-1)``) and the
+    table schemes have offset 0.
     """
-    s = scales.float()
-    half = float(1 << (bits - 1))
-    offset = (half - zeros.float()) * s if zeros is not None else torch.zeros_like(s)
+    s, offset = _scales(parts, scheme, shape, group_size)
     return torch.stack((s, offset), dim=-1).to(dtype)
+
+
+def code_values(scheme: str, dtype: torch.dtype) -> torch.Tensor:
+    """float32 [2^b]: the value each code stands for in the kernels, ``dtype``-exact (codes centred for int)."""
+    info = scheme_info(scheme)
+    if info.family in TABLE_FAMILIES:
+        table = NF4_CODE if info.family == "nf4" else FP4_CODE
+        return torch.from_numpy(table.copy()).to(dtype).float()
+    return torch.arange(1 << info.bits, dtype=torch.float32) - float(1 << (info.bits - 1))
 
 
 def kernel_weights(parts, scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """float32 [N, K]: the weights the fragment kernels multiply by, for tests and error budgets.
 
-    ``(c - 2^(b-1)) s + (2^(b-1) - z) s`` with both factors from
-    ``scale_pairs`` (in ``dtype``), rounded once to ``dtype``, as the kernels'
-    fused multiply-add does.  Against the spec's float32 weights this is a
-    few roundings of ``dtype`` (bfloat16: about 0.3% relative), where the
-    other kernels round once.
+    ``v(c) s + offset`` with ``v`` from ``code_values`` and both factors from
+    ``scale_pairs`` (in ``dtype``), rounded once to ``dtype``, as the
+    kernels' fused multiply-add does.  Against the spec's float32 weights
+    this is a few roundings of ``dtype`` (bfloat16: about 0.3% relative),
+    where the other kernels round once.
     """
-    bits = scheme_info(scheme).bits
-    rows, cols = shape
-    codes = unpack_codes(parts["qweight"], bits, cols).float() - float(1 << (bits - 1))
-    pairs = scale_pairs(parts["scales"], parts.get("zeros"), bits, dtype).float()
-    s = pairs[..., 0].repeat_interleave(group_size, dim=1)[:, :cols]
-    offset = pairs[..., 1].repeat_interleave(group_size, dim=1)[:, :cols]
-    return (codes * s + offset).to(dtype).float()
+    codes = _codes(parts["qweight"], scheme, shape).long()
+    values = code_values(scheme, dtype).to(codes.device)[codes]
+    pairs = scale_pairs(parts, scheme, shape, group_size, dtype).float()
+    s = pairs[..., 0].repeat_interleave(group_size, dim=1)[:, :shape[1]]
+    offset = pairs[..., 1].repeat_interleave(group_size, dim=1)[:, :shape[1]]
+    return (values * s + offset).to(dtype).float()
 
 
-def lane_shape(bits: int, shape: tuple[int, int]) -> tuple[int, int, int, int, int]:
+def lane_shape(scheme: str, shape: tuple[int, int]) -> tuple[int, int, int, int, int]:
     """Shape of a weight's lanes: [N / 16, K / 64, 8 (r0), 4 (c), LANE_WORDS[bits]]."""
     n, k = shape
-    return n // TILE_N, k // TILE_K, 8, 4, LANE_WORDS[bits]
+    return n // TILE_N, k // TILE_K, 8, 4, LANE_WORDS[lane_bits(scheme)]
 
 
-def lane_elements(bits: int, shape: tuple[int, int]) -> int:
+def lane_elements(scheme: str, shape: tuple[int, int]) -> int:
     """Number of lane elements (``LANE_DTYPE[bits]``) of a weight in the fragment layout."""
-    return math.prod(lane_shape(bits, shape))
-
-
-def row_bytes(bits: int, cols: int, group_size: int) -> int:
-    """Bytes per row of a stored int qweight: whole groups of codes (format v1)."""
-    return math.ceil(math.ceil(cols / group_size) * group_size * bits / 8)
+    return math.prod(lane_shape(scheme, shape))
