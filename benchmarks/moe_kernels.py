@@ -427,7 +427,7 @@ def bench_decode(bf16, sets, sweep, gen, bnb_loop, n_sms, batches=(1, 16), fragm
             def run_fragment(experts, cfg, xs=xs, ids=ids, wts=wts):
                 return graph_ms([lambda x=x, i=i, w=w: kmoe.fused_moe(x, i, w, experts, fragment_config=cfg)
                                  for x, i, w in zip(xs, ids, wts)]) * 1e3
-            sweep_fragments(res, sets, [n for n in ("int4", "mixed_int_4.0") if n in sets], FRAGMENT_SWEEP[batch],
+            sweep_fragments(res, sets, [n for n in ("int4", "nf4") if n in sets], FRAGMENT_SWEEP[batch],
                             run_fragment, "speedup_vs_bf16", res["bf16"]["graph_us"], f"b={batch:2d}")
         if sweep:
             def run(experts, cfg, xs=xs, ids=ids, wts=wts):
