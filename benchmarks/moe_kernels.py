@@ -56,6 +56,7 @@ EXPERT_SETS = {
     "int4_legacy": [("int4", 64, False)] * E,
     "int8": [("int8", 64, False)] * E,
     "int2": [("int2", 64, False)] * E,
+    "int3": [("int3", 64, False)] * E,
 }
 
 

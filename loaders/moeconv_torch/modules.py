@@ -355,7 +355,7 @@ class QuantizedExperts(nn.Module):
         buffers are registered here, so they count among the module's buffers.
         """
         self.kernel_store = store
-        for name in ("u8", "f16", "f32", "offsets"):
+        for name in ("u8", "f16", "f32", "lanes", "offsets", "fragment_offsets"):
             self.register_buffer(f"kernel_{name}", getattr(store, name), persistent=False)
         for packed in (self.gate_proj, self.up_proj, self.down_proj):
             for group in packed.groups:

@@ -1,4 +1,4 @@
-"""Fused MoE kernels for the experts stored in the fragment layout (int2/int4/int8; see ``fragments``).
+"""Fused MoE kernels for the experts in the fragment layout (int2/3/4/8, nf4, fp4; see ``fragments``).
 
 The same two stages as ``moe`` (gate and up with SiLU, then down with the
 router weights and an atomic add into the float32 output), on pairs sorted by
@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts import PackedExperts
-from .fragment_tiles import fragment_tile, tile_scales
 from .dequant import tables
+from .experts import PackedExperts
+from .fragment_tiles import FRAGMENT_ASM_MARK, fragment_tile, tile_scales
 from .fragments import TILE_K
 from .tiles import mma, round_to
 
@@ -299,7 +299,7 @@ def _check_operand_layout(compiled) -> None:
     if compiled is None or id(compiled) in _CHECKED:
         return
     asm_lines = [line for line in compiled.asm.get("ttgir", "").splitlines()
-                 if "tt.elementwise_inline_asm" in line and "one, neg" in line]
+                 if "tt.elementwise_inline_asm" in line and FRAGMENT_ASM_MARK in line]
     if not asm_lines or any("#ttg.dot_op<{opIdx = 0" not in line.rsplit("->", 1)[-1] for line in asm_lines):
         raise RuntimeError(f"Triton {triton.__version__} moved the fragment kernels' code conversion out of the "
                            "tensor-core operand layout, where it would compute wrong products; "

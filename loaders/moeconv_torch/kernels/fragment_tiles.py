@@ -39,6 +39,10 @@ from . import specs
 from .tiles import lookup, round_to
 
 
+#: A PTX comment that opens every code-conversion asm, by which ``fragment_moe`` finds them in compiled kernels.
+FRAGMENT_ASM_MARK = "// moeconv fragment codes"
+
+
 def _asm(bits: int, bf16: bool) -> str:
     """PTX: one lane word (two, for 8 bits) -> the thread's 8 codes of a block minus 2^(bits-1), as 4 half pairs."""
     f = "bf16x2" if bf16 else "f16x2"
@@ -68,7 +72,7 @@ def _asm(bits: int, bf16: bool) -> str:
         for j in range(4):
             lines += [f"shr.b32 t, {source}, {bits * j};", f"lop3.b32 t, t, {mask}, 0x{magic:04X}{magic:04X}, 0xEA;",
                       f"fma.rn.{f} ${j}, t, one, neg;"]
-    return "{\n.reg .b32 t, u, w, one, neg, sixteen, bias;\n" + "\n".join(lines) + "\n}"
+    return "{\n" + FRAGMENT_ASM_MARK + "\n.reg .b32 t, u, w, one, neg, sixteen, bias;\n" + "\n".join(lines) + "\n}"
 
 
 def _table_asm(table, bf16: bool) -> str:
@@ -104,7 +108,7 @@ def _table_asm(table, bf16: bool) -> str:
                       "prmt.b32 a, h0, h1, s;", "prmt.b32 b, h2, h3, s;", "lop3.b32 hi, a, b, m, 0xD8;",
                       f"prmt.b32 {out0}, lo, hi, 0x5140;", f"prmt.b32 {out1}, lo, hi, 0x7362;"]
     regs = "t, u, s, m, k, a, b, lo, hi, l0, l1, l2, l3, h0, h1, h2, h3"
-    return "{\n.reg .b32 " + regs + ";\n" + "\n".join(lines) + "\n}"
+    return "{\n" + FRAGMENT_ASM_MARK + "\n.reg .b32 " + regs + ";\n" + "\n".join(lines) + "\n}"
 
 
 def _pair(value: float, bf16: bool) -> str:
