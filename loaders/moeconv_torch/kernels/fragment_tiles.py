@@ -258,9 +258,11 @@ def fragment_tile(lane_ptr, s4, nz4, tab_ptr, mt0, kt, row_blocks, row_tiles,
         + tl.arange(0, 4)[None, None, None, :]  # [MT, 8, 1, 4]: lane index of (row block, r0, c)
     ok = (mt < row_blocks)[:, None, None, None]
     block = tl.arange(0, 4)[None, None, :, None]
-    if BITS == 8:
-        words = lane[:, :, :, None, :] * 8 + block[:, :, :, None, :] * 2 + tl.arange(0, 2)[None, None, None, :, None]
-        w = _fragment_kh(tl.load(lane_ptr + words, mask=ok[:, :, :, None, :], other=0), MT)
+    if BITS == 8:  # a lane's eight words (block, kh) as one contiguous axis, for two 16-byte loads
+        lane8 = (mt[:, None, None, None] * row_tiles + kt) * 32 + tl.arange(0, 8)[None, :, None, None] * 4 \
+            + tl.arange(0, 4)[None, None, :, None]  # [MT, 8, 4 (c), 1]
+        words = tl.load(lane_ptr + lane8 * 8 + tl.arange(0, 8)[None, None, None, :], mask=ok, other=0)
+        w = _fragment_kh(tl.permute(tl.reshape(words, [MT, 8, 4, 4, 2]), [0, 1, 3, 4, 2]), MT)
     elif BITS == 4:
         w = _fragment(tl.load(lane_ptr + (lane * 4 + block), mask=ok, other=0), MT)
     elif BITS == 3:
