@@ -121,7 +121,11 @@ class PackedExperts:
         return sum(t.numel() * t.element_size() for t in held)
 
     def scale_pairs(self, dtype: torch.dtype) -> torch.Tensor:
-        """The fragment experts' scale pairs (``fragments.scale_pairs``) in ``dtype`` (flat, at ``fragment_offsets[..., 1]``), built once."""
+        """The fragment experts' scale pairs in ``dtype``, built once per dtype.
+
+        Flat; each weight's start at ``fragment_offsets[..., 1]``, as
+        ``[groups, rows, 2]`` (``fragments.scale_pairs``, group-major).
+        """
         if dtype not in self._pairs:
             total = 0
             pieces = []
@@ -130,7 +134,8 @@ class PackedExperts:
                     if self.fragment[e]:
                         w = self.weight(proj, e, codes=False)
                         pair = fragments.scale_pairs(w.parts, w.scheme, self.shape(proj), w.group_size, dtype)
-                        pieces.append((int(self.fragment_offsets[p, e, 1]), pair.reshape(-1)))
+                        pair = pair.transpose(0, 1).reshape(-1)  # group-major, as ``tile_scales`` reads them
+                        pieces.append((int(self.fragment_offsets[p, e, 1]), pair))
                         total = max(total, pieces[-1][0] + pair.numel())
             flat = torch.zeros(max(total, 2), dtype=dtype, device=self.device)
             for start, pair in pieces:

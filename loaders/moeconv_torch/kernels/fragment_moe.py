@@ -102,11 +102,9 @@ def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, ta
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
     cols = tl.arange(0, 64)[None, :]
     row_blocks, row_tiles = I // 16, H // 64
-    g_groups = tl.cdiv(H, GSPEC // 256)
-    u_groups = tl.cdiv(H, USPEC // 256)
     for kt in range(kt_lo, kt_hi):
-        gs, gz = tile_scales(gp, mt0, kt, row_blocks, g_groups, GSPEC, BN)
-        us, uz = tile_scales(up, mt0, kt, row_blocks, u_groups, USPEC, BN)
+        gs, gz = tile_scales(gp, mt0, kt, row_blocks, GSPEC, BN)
+        us, uz = tile_scales(up, mt0, kt, row_blocks, USPEC, BN)
         xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
         wg = fragment_tile(gl, gs, gz, tab_ptr, mt0, kt, row_blocks, row_tiles, GSPEC, BN, ACT_BF16, INTERPRET)
         acc_g = mma(wg, xt, acc_g, INTERPRET)
@@ -124,9 +122,8 @@ def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
     cols = tl.arange(0, 64)[None, :]
     row_blocks, row_tiles = I // 16, H // 64
-    groups = tl.cdiv(H, SPEC // 256)
     for kt in range(kt_lo, kt_hi):
-        ws, wz = tile_scales(wp, mt0, kt, row_blocks, groups, SPEC, BN)
+        ws, wz = tile_scales(wp, mt0, kt, row_blocks, SPEC, BN)
         xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
         w = fragment_tile(wl, ws, wz, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET)
         acc = mma(w, xt, acc, INTERPRET)
@@ -140,9 +137,8 @@ def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
     acc = tl.zeros([BN, BM], tl.float32)
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
     cols = tl.arange(0, 64)[None, :]
-    groups = tl.cdiv(I, SPEC // 256)
     for kt in range(kt_lo, kt_hi):
-        ds, dz = tile_scales(dp, mt0, kt, H // 16, groups, SPEC, BN)
+        ds, dz = tile_scales(dp, mt0, kt, H // 16, SPEC, BN)
         ht = tl.trans(tl.load(h_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
         w = fragment_tile(dl, ds, dz, tab_ptr, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
         acc = mma(w, ht, acc, INTERPRET)

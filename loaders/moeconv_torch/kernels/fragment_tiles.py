@@ -226,15 +226,20 @@ def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.conste
 
 
 @triton.jit
-def tile_scales(sz_ptr, mt0, kt, row_blocks, groups, SPEC: tl.constexpr, BN: tl.constexpr):
-    """The scale pairs of tile ``kt`` of rows ``16 mt0 ..``: ([MT, 2, 8, NG] s, same for the offsets)."""
+def tile_scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr):
+    """The scale pairs of tile ``kt`` of rows ``16 mt0 ..``: ([MT, 2, 8, NG] s, same for the offsets).
+
+    ``sz_ptr`` holds a weight's pairs group-major (``PackedExperts.scale_pairs``):
+    the rows a warp multiplies then share one or two cache lines per group,
+    where row-major pairs cost a line per row.
+    """
     GS: tl.constexpr = SPEC // 256
     MT: tl.constexpr = BN // 16
     NG: tl.constexpr = 64 // GS if GS < 64 else 1
     mt = mt0 + tl.arange(0, MT)[:, None, None, None]
     rows = mt * 16 + tl.arange(0, 2)[None, :, None, None] * 8 + tl.arange(0, 8)[None, None, :, None]
     grp = (kt * 64) // GS + tl.arange(0, NG)[None, None, None, :]
-    pair = sz_ptr + (rows.to(tl.int64) * groups + grp) * 2
+    pair = sz_ptr + (grp.to(tl.int64) * (row_blocks * 16) + rows) * 2
     ok = mt < row_blocks
     return tl.load(pair, mask=ok, other=0.0), tl.load(pair + 1, mask=ok, other=0.0)
 
