@@ -28,7 +28,7 @@ from moeconv_torch.kernels.fragment_moe import FragmentConfig  # noqa: E402
 H, I = 64, 128
 
 
-@pytest.mark.parametrize("scheme", ["int2", "int3", "int4", "int8", "nf4"])
+@pytest.mark.parametrize("scheme", ["int2", "int4", "int8", "nf4"])
 def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
     rng = np.random.default_rng(len(scheme))
     n, k = 32, 192
@@ -47,9 +47,6 @@ def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
             rh, r0, blk, kh, lane_c, kl = (r // 8) % 2, r % 8, (c // 16) % 4, (c // 8) % 2, (c // 2) % 4, c % 2
             if bits == 8:
                 word, pos = words[r // 16, c // 64, r0, lane_c, 2 * blk + kh], 8 * (rh + 2 * kl)
-            elif bits == 3:  # three words hold the four blocks' 24 bits back to back
-                word = sum(int(v) << (32 * i) for i, v in enumerate(words[r // 16, c // 64, r0, lane_c]))
-                pos = 24 * blk + 3 * (rh + 2 * kh + 4 * kl)
             elif table:
                 word, pos = words[r // 16, c // 64, r0, lane_c, blk], 4 * (kl + 2 * rh + 4 * kh)
             else:
@@ -59,7 +56,7 @@ def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
 
 
 @pytest.mark.parametrize("scheme, shape, group, reason", [
-    ("int3", (32, 64), 32, "multiple of 64"),
+    ("int3", (32, 64), 64, "no fragment layout"),
     ("mxfp4", (32, 64), 32, "no fragment layout"),
     ("nf4", (32, 192), 128, "straddle rows"),
     ("int4", (24, 64), 64, "whole 16 x 64 tiles"),
@@ -104,12 +101,11 @@ FRAGMENT_SETS = [
     (("int2", 32, False),) * 3,
     (("int4-sym", 128, False),) * 3,
 ]
-INT3_SETS = [(("int3", 64, False),) * 3, (("int3-sym", 128, False),) * 3, (("int3", 64, False), ("int3", 64, False), ("int2", 64, False))]
 TABLE_SETS = [(("nf4", 64, True),) * 3, (("fp4", 32, False),) * 3, (("nf4", 64, False), ("nf4", 64, False), ("int8", 64, False))]
 DECODE = FragmentConfig(16, 64, 64, 2, 4, 1)
 
 
-@pytest.mark.parametrize("sets", [FRAGMENT_SETS, INT3_SETS, TABLE_SETS], ids=["int", "int3", "table"])
+@pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config, tokens", [(DECODE, 3), (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
                          ids=["decode", "batch"])
@@ -125,8 +121,8 @@ def test_fragment_experts_match_reference(config, tokens, dtype, sets):
 
 
 def test_fragment_and_other_experts_share_one_layer():
-    """int4/int8 experts in the fragment kernels, mxfp4/int3-g32 ones in the others, one output; one variant a launch."""
-    quants = [FRAGMENT_SETS[0], (("mxfp4", 32, False),) * 3, FRAGMENT_SETS[1], (("int3", 32, False),) * 3]
+    """int4/int8 experts in the fragment kernels, mxfp4/int3 ones in the others, one output; one variant a launch."""
+    quants = [FRAGMENT_SETS[0], (("mxfp4", 32, False),) * 3, FRAGMENT_SETS[1], (("int3", 64, False),) * 3]
     rng = np.random.default_rng(3)
     experts, dense = make_layer(quants, rng)
     assert experts.fragment == (True, False, True, False)

@@ -35,7 +35,6 @@ import triton.language as tl
 
 from moeconv_numpy.schemes import FP4_CODE, NF4_CODE
 
-from . import specs
 from .tiles import lookup, round_to
 
 
@@ -64,7 +63,7 @@ def _asm(bits: int, bf16: bool) -> str:
                 lines += [f"shr.b32 t, {word}, {shift};", f"lop3.b32 t, t, 0x00FF00FF, 0x{magic:04X}{magic:04X}, 0xEA;",
                           f"fma.rn.{f} ${j}, t, one, neg;"]
     else:
-        mask = {2: "0x00030003", 3: "0x00070007", 4: "0x000F000F"}[bits]
+        mask = "0x000F000F" if bits == 4 else "0x00030003"
         source = "$4"
         if bits == 2:  # a 16-bit lane element: its high byte (the kl = 1 codes) moves to bits 16-23
             lines.append("prmt.b32 w, $4, $4, 0x3120;")
@@ -117,9 +116,8 @@ def _pair(value: float, bf16: bool) -> str:
     return f"0x{bits:04X}{bits:04X}"
 
 
-ASM2_BF16, ASM3_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 3, 4, 8))
-ASM2_F16, ASM3_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 3, 4, 8))
-TAB_INT3 = tl.constexpr(specs.TAB_INT3)
+ASM2_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 4, 8))
+ASM2_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 4, 8))
 NF4_BF16, NF4_F16 = (tl.constexpr(_table_asm(NF4_CODE, bf16)) for bf16 in (True, False))
 FP4_BF16, FP4_F16 = (tl.constexpr(_table_asm(FP4_CODE, bf16)) for bf16 in (True, False))
 #: Four outputs (pairs of halves); eight 32-bit inputs, or four holding two 16-bit elements each.
@@ -151,33 +149,11 @@ def _code_bits(MT: tl.constexpr, BITS: tl.constexpr, TABLE: tl.constexpr):
     kl = tl.arange(0, 2)[None, None, None, None, None, None, :]
     if BITS == 8:
         pos = 8 * (rh + 2 * kl) + 0 * kh
-    elif BITS == 3:  # after ``_int3_blocks``: kl = 1 codes from bit 16
-        pos = 3 * (rh + 2 * kh) + 16 * kl
     elif TABLE:
         pos = 4 * (kl + 2 * rh + 4 * kh)
     else:
         pos = BITS * (rh + 2 * kh + 4 * kl)
     return tl.reshape(tl.broadcast_to(pos, [MT, 2, 8, 4, 2, 4, 2]), [MT * 16, 64])
-
-
-@triton.jit
-def _int3_blocks(lane_ptr, lane, ok, tab_ptr):
-    """[MT, 8, 4, 4] 32-bit blocks of 3-bit lanes: kl = 0 codes at bits 3j, kl = 1 codes at 16 + 3j.
-
-    A lane's three words hold its four blocks' 24 bits back to back; each
-    block is cut from the word it starts in and the next with the shift
-    ``specs.INT3_BLOCK_WORDS`` gives, which the kernel loads (so that every
-    input of this arithmetic is a load, as Triton needs for keeping it in
-    the dot operand's layout), then spread to two 12-bit halves.
-    """
-    block = tl.arange(0, 4)[None, None, :, None]
-    first = tl.load(tab_ptr + TAB_INT3 + block).to(tl.int32)
-    second = tl.load(tab_ptr + TAB_INT3 + 4 + block).to(tl.int32)
-    shift = tl.load(tab_ptr + TAB_INT3 + 8 + block).to(tl.uint32)
-    lo = tl.load(lane_ptr + lane * 3 + first, mask=ok, other=0).to(tl.uint32, bitcast=True)
-    hi = tl.load(lane_ptr + lane * 3 + second, mask=ok, other=0).to(tl.uint32, bitcast=True)
-    bits24 = ((lo >> shift) | ((hi << 1) << (31 - shift))) & 0xFFFFFF  # two shifts: never one of 32
-    return ((bits24 & 0xFFF) | ((bits24 << 4) & 0xFFF0000)).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -205,8 +181,6 @@ def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.conste
             v = tl.inline_asm_elementwise(ASM8_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
         elif BITS == 4:
             v = tl.inline_asm_elementwise(ASM4_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
-        elif BITS == 3:
-            v = tl.inline_asm_elementwise(ASM3_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
         else:
             v = tl.inline_asm_elementwise(ASM2_BF16, IO_16, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
     else:
@@ -218,8 +192,6 @@ def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.conste
             v = tl.inline_asm_elementwise(ASM8_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
         elif BITS == 4:
             v = tl.inline_asm_elementwise(ASM4_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
-        elif BITS == 3:
-            v = tl.inline_asm_elementwise(ASM3_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
         else:
             v = tl.inline_asm_elementwise(ASM2_F16, IO_16, [w], dtype=tl.float16, is_pure=True, pack=8)
     return v
@@ -270,8 +242,6 @@ def fragment_tile(lane_ptr, s4, nz4, tab_ptr, mt0, kt, row_blocks, row_tiles,
         w = _fragment_kh(tl.permute(tl.reshape(words, [MT, 8, 4, 4, 2]), [0, 1, 3, 4, 2]), MT)
     elif BITS == 4:
         w = _fragment(tl.load(lane_ptr + (lane * 4 + block), mask=ok, other=0), MT)
-    elif BITS == 3:
-        w = _fragment(_int3_blocks(lane_ptr, lane, ok, tab_ptr), MT)
     else:
         w = _fragment(tl.load(lane_ptr.to(tl.pointer_type(tl.int16)) + (lane * 4 + block), mask=ok, other=0), MT)
     c = _codes(w, tab_ptr, MT, SPEC, ACT_BF16, INTERPRET)

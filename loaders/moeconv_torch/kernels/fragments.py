@@ -21,10 +21,7 @@ consecutive memory (one 8- to 32-byte load per thread and tile):
   ``(rh, kh, kl)`` in nibble ``rh + 2 kh + 4 kl``;
 * 8 bits, eight int32 words, two per block (kh = 0, 1): byte ``rh + 2 kl``;
 * 2 bits, four uint16 per lane and tile, one per block: bits
-  ``2 (rh + 2 kh + 4 kl)``;
-* 3 bits, three int32 words per lane and tile holding the four blocks' 24
-  bits one after the other (block b at bits ``24 b``), code ``(rh, kh, kl)``
-  at bit ``3 (rh + 2 kh + 4 kl)`` of its block.
+  ``2 (rh + 2 kh + 4 kl)``.
 
 In every case code ``(rh, kh, kl)`` of a block sits at bit
 ``bits * (rh + 2 kh + 4 kl)`` of the lane's bits for that block (for 8 bits,
@@ -52,7 +49,7 @@ from moeconv_numpy.schemes import FP4_CODE, NF4_CODE, scheme_info
 from ..dequant import blockwise_absmax, unpack_codes
 
 #: Int code widths with a fragment layout.
-FRAGMENT_BITS = (2, 3, 4, 8)
+FRAGMENT_BITS = (2, 4, 8)
 #: 4-bit table schemes with a fragment layout (their codes index a 16-entry table).
 TABLE_FAMILIES = ("nf4", "fp4")
 #: Columns of one storage tile: a lane's codes of four 16 x 16 blocks.
@@ -60,8 +57,8 @@ TILE_K = 64
 #: Rows of one block.
 TILE_N = 16
 #: Element type and count of a lane's codes for one storage tile, per width.
-LANE_DTYPE = {2: torch.int16, 3: torch.int32, 4: torch.int32, 8: torch.int32}
-LANE_WORDS = {2: 4, 3: 3, 4: 4, 8: 8}
+LANE_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int32}
+LANE_WORDS = {2: 4, 4: 4, 8: 8}
 #: Columns that one lane element spans: a scale group must hold whole elements.
 _ELEMENT_SPAN = {2: 16, 4: 16, 8: 8}
 
@@ -92,7 +89,7 @@ def fragment_unsupported(scheme: str, shape: tuple[int, int], group_size: int) -
     info = scheme_info(scheme)
     rows, cols = shape
     if not (info.family in TABLE_FAMILIES or (info.family == "int" and info.bits in FRAGMENT_BITS)):
-        return f"{scheme} has no fragment layout (int2/int3/int4/int8, nf4 and fp4 only)"
+        return f"{scheme} has no fragment layout (int2/int4/int8, nf4 and fp4 only)"
     if rows % TILE_N or cols % TILE_K:
         return f"shape {list(shape)} is not whole {TILE_N} x {TILE_K} tiles"
     power_of_two = group_size & (group_size - 1) == 0
@@ -100,8 +97,6 @@ def fragment_unsupported(scheme: str, shape: tuple[int, int], group_size: int) -
         return f"group size {group_size} is neither a power of two >= {TILE_N} nor a multiple of {TILE_K}"
     if info.family in TABLE_FAMILIES and cols % group_size:
         return f"{scheme} blocks of {group_size} straddle rows of {cols} columns"
-    if info.bits == 3 and group_size % TILE_K:
-        return f"int3 lanes hold a whole 64-column tile, so its group size must be a multiple of {TILE_K}"
     return None
 
 
@@ -152,9 +147,6 @@ def to_fragments(qweight: torch.Tensor, scheme: str, shape: tuple[int, int]) -> 
         return _join(per_word, 8, torch.int32).reshape(*lead, LANE_WORDS[8])
     if table:  # nibble kl + 2 rh + 4 kh: a register's pair of codes in adjacent nibbles
         blocks = blocks.permute(0, 1, 2, 3, 4, 6, 7, 5)
-    if bits == 3:  # the four blocks' 24 bits one after the other, in three words
-        stream = _split(blocks.reshape(*lead, 32), 1, 3).reshape(*lead, 3, 32)
-        return _join(stream, 1, torch.int32)
     return _join(blocks.reshape(*lead, 4, 8), bits, LANE_DTYPE[bits])
 
 
@@ -168,16 +160,12 @@ def from_fragments(lanes: torch.Tensor, scheme: str, shape: tuple[int, int], qwe
         blocks = per_word.view(*lead, 4, 2, 2, 2).permute(0, 1, 2, 3, 4, 6, 5, 7)
     elif table:
         blocks = _split(lanes, bits, 8).view(*lead, 4, 2, 2, 2).permute(0, 1, 2, 3, 4, 7, 5, 6)
-    elif bits == 3:
-        stream = _split(lanes, 1, 32).reshape(*lead, 32, 3)
-        blocks = _join(stream, 1, torch.int16).to(torch.uint8).view(*lead, 4, 2, 2, 2)
     else:
         blocks = _split(lanes, bits, 8).view(*lead, 4, 2, 2, 2)
     codes = blocks.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k)  # back to mt, rh, r0, kt, block, kh, c, kl
     if table:
         return ((codes[:, 0::2] << 4) | codes[:, 1::2]).reshape(qweight_shape)
-    row_bits = _split(codes, 1, bits).view(n, k * bits // 8, 8)  # the LSB-first bit stream of each row
-    stream = _join(row_bits, 1, torch.int16).to(torch.uint8)
+    stream = _join(codes.view(n, k * bits // 8, 8 // bits), bits, torch.int16).to(torch.uint8)
     qweight = torch.zeros(qweight_shape, dtype=torch.uint8, device=lanes.device)
     qweight[:, : stream.shape[1]] = stream
     return qweight

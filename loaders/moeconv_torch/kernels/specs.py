@@ -28,10 +28,6 @@ _FAMILIES = {"int": FAM_INT, "nf4": FAM_NF4, "fp4": FAM_FP4, "mxfp4": FAM_MX}
 TAB_NF4, TAB_FP4, TAB_E2M1, TAB_DMAP = 0, 16, 32, 48
 #: Where the tables hold 1.0, which ``tiles`` reads at run time (see ``tiles.one_bits``).
 TAB_ONE = TAB_DMAP + 256
-#: Where 3-bit fragment lanes find, per block, the word its bits start in, the next word, and the shift
-#: (``fragment_tiles``): a block's 24 bits are bits [24 b, 24 b + 24) of the lane's three words.
-TAB_INT3 = TAB_ONE + 1
-INT3_BLOCK_WORDS = ((0, 1, 0), (0, 1, 24), (1, 2, 16), (2, 2, 8))
 
 #: Widest K tile a kernel reads per step; a group larger than this is read in several steps.
 MAX_BLOCK_K = 128
@@ -90,10 +86,9 @@ def unsupported(scheme: str, shape: tuple[int, int], group_size: int, fused: boo
 def code_tables(device: torch.device | str) -> torch.Tensor:
     """One float32 tensor of every table the kernels read, at ``TAB_*``.
 
-    NF4, FP4, E2M1 (16 each), the dynamic map (256), 1.0, then ``INT3_BLOCK_WORDS`` (by field, then block).
+    NF4, FP4, E2M1 (16 each), the dynamic map (256), then 1.0.
     """
-    int3 = np.array(INT3_BLOCK_WORDS, dtype=np.float64).T.reshape(-1)
-    table = np.concatenate([NF4_CODE, FP4_CODE, E2M1_VALUES, DYNAMIC_MAP, [1.0], int3])
+    table = np.concatenate([NF4_CODE, FP4_CODE, E2M1_VALUES, DYNAMIC_MAP, [1.0]])
     return torch.from_numpy(table.astype(np.float32)).to(device)
 
 
