@@ -1,4 +1,4 @@
-"""Fused MoE kernels for the experts in the fragment layout (int2/3/4/8, nf4, fp4; see ``fragments``).
+"""Fused MoE kernels for the experts in the fragment layout (int2/4/8, nf4, fp4; see ``fragments``).
 
 The same two stages as ``moe`` (gate and up with SiLU, then down with the
 router weights and an atomic add into the float32 output), on pairs sorted by
@@ -8,7 +8,7 @@ tensor cores' A operand (its rows are M) and the block's tokens are N, so a
 decode step (one token per expert, padded to the smallest N of 16) wastes
 tensor-core work, which is free, instead of weight bandwidth.  Weights come
 from ``fragment_tile``: dequantized in the registers where the product reads
-them, about two instructions per weight, nothing through shared memory.
+them, nothing through shared memory.
 
 Mixed precision works as in ``moe``: each launch is compiled for up to
 ``MAX_VARIANTS`` (gate, up) or down spec codes and branches on the block's
@@ -53,14 +53,11 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
 
     Few tokens: 16-token blocks, 64-row programs, the down projection split
     along K to fill the GPU (splitting gate/up too measured no faster).
-    Prefill: 256-token blocks with gate and up in separate programs, so each
-    dequantized tile feeds 256 tokens (0.75x against 0.64x of BF16 for the
-    fused 128-token blocks, Mixtral shapes, 2,048 tokens).
+    Prefill: 128-token blocks.  (256-token blocks with gate and up in
+    separate programs timed faster in one sweep, but that run's check of
+    the default against BF16 failed with them, so they are not chosen.)
     """
     per_expert = num_pairs / experts.num_experts
-    separate = all(gate == up for gate, up in experts.fragment_up_variants)
-    if per_expert > 128 and separate:
-        return FragmentConfig(256, 128, 128, 1, 8, 3, split_gate_up=True)
     if per_expert > 32:
         return FragmentConfig(128, 64, 64, 1, 4, 3)
     blocks = min(num_pairs, triton.cdiv(num_pairs, 16) + experts.num_experts)
