@@ -157,6 +157,19 @@ def test_gate_and_up_in_k_pieces_and_in_separate_programs():
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 
+@pytest.mark.parametrize("k_step", [2, 4])
+def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
+    """3 K tiles of gate/up and 5 of down, whole and split in two: whole steps first, then single tiles."""
+    rng = np.random.default_rng(k_step)
+    experts, dense = make_layer([FRAGMENT_SETS[0], TABLE_SETS[0]], rng, hidden=192, inter=320)
+    x = torch.from_numpy(rng.standard_normal((3, 192))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(3, 2, 2, rng)
+    want = reference(x, ids.cpu(), wts.cpu(), dense)
+    for split in (1, 2):
+        config = dataclasses.replace(DECODE, k_step=k_step, split_k=split)
+        assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
+
+
 def test_fragment_experts_give_back_their_stored_parts_and_can_be_declined():
     rng = np.random.default_rng(1)
     parts = {proj: [to_torch(random_parts("int4", shape, 64, False, rng)) for _ in range(2)]

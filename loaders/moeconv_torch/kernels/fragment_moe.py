@@ -46,13 +46,15 @@ class FragmentConfig:
     up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; SiLU then runs in ``_gated_kernel``)
     split_gate_up: bool = False  # gate and up in separate programs (``_fragment_projection_kernel``)
     variants_per_launch: int = MAX_VARIANTS
+    k_step: int = 1  # K tiles per loop step (1, 2 or 4), whose scales are loaded together (``_gate_up``)
 
 
 def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> FragmentConfig:
     """Tiling by (token, expert) pairs per expert: the best of the H200 sweeps (benchmarks/moe_kernels.py).
 
-    Few tokens: 16-token blocks, 64-row programs, the down projection split
-    along K to fill the GPU (splitting gate/up too measured no faster).
+    Few tokens: 16-token blocks, 64-row programs, two K tiles a loop step
+    (1.11x at one token, 1.08x at 16), the down projection split along K to
+    fill the GPU (splitting gate/up too measured no faster).
     Prefill: 128-token blocks.  (256-token blocks with gate and up in
     separate programs timed faster in one sweep, but that run's check of
     the default against BF16 failed with them, so they are not chosen.)
@@ -63,7 +65,7 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     blocks = min(num_pairs, triton.cdiv(num_pairs, 16) + experts.num_experts)
     down_programs = blocks * triton.cdiv(experts.hidden, 64)
     split = max(1, min(triton.cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
-    return FragmentConfig(16, 64, 64, split, 4, 4 if per_expert > 1 else 3)
+    return FragmentConfig(16, 64, 64, split, 4, 4 if per_expert > 1 else 3, k_step=2)
 
 
 @triton.jit
@@ -90,23 +92,63 @@ def _block(ids_ptr, blk_ptr, var_ptr, pid_m, A, VBASE, NUM_V: tl.constexpr, TOPK
 
 
 @triton.jit
+def _gate_up_tile(x_rows, valid, kt, gs, gz, us, uz, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
+                  GSPEC: tl.constexpr, USPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr,
+                  INTERPRET: tl.constexpr):
+    """``acc_g``, ``acc_u`` plus the products of storage tile ``kt``, given its scale pairs."""
+    xt = tl.trans(tl.load(x_rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
+    wg = fragment_tile(gl, gs, gz, tab_ptr, mt0, kt, I // 16, H // 64, GSPEC, BN, ACT_BF16, INTERPRET)
+    acc_g = mma(wg, xt, acc_g, INTERPRET)
+    wu = fragment_tile(ul, us, uz, tab_ptr, mt0, kt, I // 16, H // 64, USPEC, BN, ACT_BF16, INTERPRET)
+    return acc_g, mma(wu, xt, acc_u, INTERPRET)
+
+
+@triton.jit
 def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
-             GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr,
              ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights."""
+    """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights.
+
+    A loop step takes ``STEP`` tiles (1, 2 or 4) and loads all their scales
+    first.  Triton's software pipeline copies the codes and activations
+    ahead, but not the 16-bit scale loads (too narrow for its asynchronous
+    copies): each step waits one memory latency for them, so the more tiles
+    share that wait the better.  (Loading them a step ahead, or as 32-bit
+    pairs that the pipeline takes, made Triton give them layouts that copy
+    every scale into every thread.)  The tiles past the last whole step go
+    one at a time.
+    """
     acc_g = tl.zeros([BN, BM], tl.float32)
     acc_u = tl.zeros([BN, BM], tl.float32)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
-    cols = tl.arange(0, 64)[None, :]
-    row_blocks, row_tiles = I // 16, H // 64
-    for kt in range(kt_lo, kt_hi):
-        gs, gz = tile_scales(gp, mt0, kt, row_blocks, GSPEC, BN)
-        us, uz = tile_scales(up, mt0, kt, row_blocks, USPEC, BN)
-        xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        wg = fragment_tile(gl, gs, gz, tab_ptr, mt0, kt, row_blocks, row_tiles, GSPEC, BN, ACT_BF16, INTERPRET)
-        acc_g = mma(wg, xt, acc_g, INTERPRET)
-        wu = fragment_tile(ul, us, uz, tab_ptr, mt0, kt, row_blocks, row_tiles, USPEC, BN, ACT_BF16, INTERPRET)
-        acc_u = mma(wu, xt, acc_u, INTERPRET)
+    rb = I // 16
+    whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
+    for kt in range(kt_lo, whole, STEP):
+        gs0, gz0 = tile_scales(gp, mt0, kt, rb, GSPEC, BN)
+        us0, uz0 = tile_scales(up, mt0, kt, rb, USPEC, BN)
+        if STEP > 1:
+            gs1, gz1 = tile_scales(gp, mt0, kt + 1, rb, GSPEC, BN)
+            us1, uz1 = tile_scales(up, mt0, kt + 1, rb, USPEC, BN)
+        if STEP > 2:
+            gs2, gz2 = tile_scales(gp, mt0, kt + 2, rb, GSPEC, BN)
+            us2, uz2 = tile_scales(up, mt0, kt + 2, rb, USPEC, BN)
+            gs3, gz3 = tile_scales(gp, mt0, kt + 3, rb, GSPEC, BN)
+            us3, uz3 = tile_scales(up, mt0, kt + 3, rb, USPEC, BN)
+        acc_g, acc_u = _gate_up_tile(x_rows, valid, kt, gs0, gz0, us0, uz0, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
+                                     GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
+        if STEP > 1:
+            acc_g, acc_u = _gate_up_tile(x_rows, valid, kt + 1, gs1, gz1, us1, uz1, acc_g, acc_u, H, I, gl, ul,
+                                         tab_ptr, mt0, GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
+        if STEP > 2:
+            acc_g, acc_u = _gate_up_tile(x_rows, valid, kt + 2, gs2, gz2, us2, uz2, acc_g, acc_u, H, I, gl, ul,
+                                         tab_ptr, mt0, GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up_tile(x_rows, valid, kt + 3, gs3, gz3, us3, uz3, acc_g, acc_u, H, I, gl, ul,
+                                         tab_ptr, mt0, GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
+    for kt in range(whole, kt_hi):
+        gs0, gz0 = tile_scales(gp, mt0, kt, rb, GSPEC, BN)
+        us0, uz0 = tile_scales(up, mt0, kt, rb, USPEC, BN)
+        acc_g, acc_u = _gate_up_tile(x_rows, valid, kt, gs0, gz0, us0, uz0, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
+                                     GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
     return acc_g, acc_u
 
 
@@ -128,17 +170,46 @@ def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr
 
 
 @triton.jit
+def _down_tile(h_rows, valid, kt, ds, dz, acc, H, I, dl, tab_ptr, mt0,
+               SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc`` plus the down product of storage tile ``kt``, whose scale pairs are ``ds``, ``dz``."""
+    ht = tl.trans(tl.load(h_rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
+    w = fragment_tile(dl, ds, dz, tab_ptr, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
+    return mma(w, ht, acc, INTERPRET)
+
+
+@triton.jit
 def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
-          SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Down product [BN, BM] (float32) over storage tiles [kt_lo, kt_hi) of the block's rows of ``h``."""
+          SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr, ACT_BF16: tl.constexpr,
+          INTERPRET: tl.constexpr):
+    """Down product [BN, BM] (float32) over storage tiles [kt_lo, kt_hi) of the block's rows of ``h``.
+
+    ``STEP`` tiles (1, 2 or 4) a loop step, with all their scales loaded first
+    (see ``_gate_up``); the tiles past the last whole step go one at a time.
+    """
     acc = tl.zeros([BN, BM], tl.float32)
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
-    cols = tl.arange(0, 64)[None, :]
-    for kt in range(kt_lo, kt_hi):
-        ds, dz = tile_scales(dp, mt0, kt, H // 16, SPEC, BN)
-        ht = tl.trans(tl.load(h_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        w = fragment_tile(dl, ds, dz, tab_ptr, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
-        acc = mma(w, ht, acc, INTERPRET)
+    rb = H // 16
+    whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
+    for kt in range(kt_lo, whole, STEP):
+        s0, z0 = tile_scales(dp, mt0, kt, rb, SPEC, BN)
+        if STEP > 1:
+            s1, z1 = tile_scales(dp, mt0, kt + 1, rb, SPEC, BN)
+        if STEP > 2:
+            s2, z2 = tile_scales(dp, mt0, kt + 2, rb, SPEC, BN)
+            s3, z3 = tile_scales(dp, mt0, kt + 3, rb, SPEC, BN)
+        acc = _down_tile(h_rows, valid, kt, s0, z0, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16, INTERPRET)
+        if STEP > 1:
+            acc = _down_tile(h_rows, valid, kt + 1, s1, z1, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16,
+                             INTERPRET)
+        if STEP > 2:
+            acc = _down_tile(h_rows, valid, kt + 2, s2, z2, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16,
+                             INTERPRET)
+            acc = _down_tile(h_rows, valid, kt + 3, s3, z3, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16,
+                             INTERPRET)
+    for kt in range(whole, kt_hi):
+        s0, z0 = tile_scales(dp, mt0, kt, rb, SPEC, BN)
+        acc = _down_tile(h_rows, valid, kt, s0, z0, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16, INTERPRET)
     return acc
 
 
@@ -167,7 +238,7 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                         NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        PARTS: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                        PARTS: tl.constexpr, STEP: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -179,20 +250,20 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
     acc_g = tl.zeros([BN, BM], tl.float32)
     acc_u = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G0, U0, BM, BN,
-                                ACT_BF16, INTERPRET)
+        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
+                                G0, U0, BM, BN, STEP, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G1, U1,
-                                    BM, BN, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
+                                    G1, U1, BM, BN, STEP, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G2, U2,
-                                    BM, BN, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
+                                    G2, U2, BM, BN, STEP, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, G3, U3,
-                                    BM, BN, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
+                                    G3, U3, BM, BN, STEP, ACT_BF16, INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
     offs = slot.to(tl.int64)[None, :] * I + n[:, None]
     mask = valid[None, :] & (n < I)[:, None]
@@ -252,7 +323,7 @@ def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, p
                           A, H, I, E, VBASE, k_tiles,
                           D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                           NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                          STEP: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr + E, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -262,18 +333,19 @@ def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, p
     kt_hi = tl.minimum(kt_lo + k_tiles, I // 64)
     acc = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D0, BM, BN, ACT_BF16, INTERPRET)
+        acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D0, BM, BN, STEP, ACT_BF16,
+                    INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D1, BM, BN, ACT_BF16,
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D1, BM, BN, STEP, ACT_BF16,
                         INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D2, BM, BN, ACT_BF16,
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D2, BM, BN, STEP, ACT_BF16,
                         INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D3, BM, BN, ACT_BF16,
+            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D3, BM, BN, STEP, ACT_BF16,
                         INTERPRET)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     n = mt0 * 16 + tl.arange(0, BN)
@@ -326,6 +398,7 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     act_bf16 = x.dtype == torch.bfloat16
     common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=act_bf16, INTERPRET=interpret,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    step = dict(STEP=cfg.k_step)
     per_launch = max(1, min(cfg.variants_per_launch, MAX_VARIANTS))
     variant = experts.fragment_variant
     for base in range(0, len(experts.fragment_up_variants), per_launch):
@@ -341,7 +414,7 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
         else:
             compiled = _fragment_up_kernel[(n_blocks, n_blocks_up, parts)](
                 x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid, inter, e, base, up_chunk,
-                slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **specs_kw, **common)
+                slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
         _check_operand_layout(compiled)
     if parts > 1 or separate:
         _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, pairs, inter, slots * inter, PARTS=parts,
@@ -353,6 +426,6 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
         grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(down_tiles, down_chunk))
         _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs,
                                                           hid, inter, e, base, down_chunk,
-                                                          NUM_V=len(chunk), BN=cfg.down_block_n,
+                                                          NUM_V=len(chunk), BN=cfg.down_block_n, **step,
                                                           **{f"D{i}": code for i, code in enumerate(padded)},
                                                           **common))
