@@ -23,7 +23,7 @@ from test_kernels_moe import assert_close, make_layer, reference, routing  # noq
 
 from moeconv_torch.dequant import unpack_codes  # noqa: E402
 from moeconv_torch.kernels import PackedExperts, PackedWeight, fragments, moe  # noqa: E402
-from moeconv_torch.kernels.fragment_moe import FragmentConfig  # noqa: E402
+from moeconv_torch.kernels.fragment_moe import FragmentConfig, _warp_mma  # noqa: E402
 
 H, I = 64, 128
 
@@ -166,8 +166,21 @@ def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
     ids, wts = routing(3, 2, 2, rng)
     want = reference(x, ids.cpu(), wts.cpu(), dense)
     for split in (1, 2):
-        config = dataclasses.replace(DECODE, k_step=k_step, split_k=split)
+        config = dataclasses.replace(DECODE, k_step=k_step, split_k=split, warp_mma=k_step == 2)
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
+
+
+def test_warp_mma_is_asked_for_only_while_the_kernels_compile_and_leaves_a_users_setting_alone(monkeypatch):
+    monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+    with _warp_mma(True):
+        assert os.environ["DISABLE_MMA_V3"] == "1"
+    assert "DISABLE_MMA_V3" not in os.environ
+    with _warp_mma(False):
+        assert "DISABLE_MMA_V3" not in os.environ
+    monkeypatch.setenv("DISABLE_MMA_V3", "0")
+    with _warp_mma(True):
+        assert os.environ["DISABLE_MMA_V3"] == "0"
+    assert os.environ["DISABLE_MMA_V3"] == "0"
 
 
 def test_fragment_experts_give_back_their_stored_parts_and_can_be_declined():

@@ -17,6 +17,8 @@ variant once, outside the K loop.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +49,16 @@ class FragmentConfig:
     split_gate_up: bool = False  # gate and up in separate programs (``_fragment_projection_kernel``)
     variants_per_launch: int = MAX_VARIANTS
     k_step: int = 1  # K tiles per loop step (1, 2 or 4), whose scales are loaded together (``_gate_up``)
+    warp_mma: bool = False  # products by warps' mma.sync rather than Hopper's wgmma (``_warp_mma``)
 
 
 def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> FragmentConfig:
     """Tiling by (token, expert) pairs per expert: the best of the H200 sweeps (benchmarks/moe_kernels.py).
 
     Few tokens: 16-token blocks, 64-row programs, two K tiles a loop step
-    (1.11x at one token, 1.08x at 16), the down projection split along K to
-    fill the GPU (splitting gate/up too measured no faster).
+    (1.11x at one token, 1.08x at 16), products by mma.sync (1.04x, 1.06x),
+    the down projection split along K to fill the GPU (splitting gate/up
+    too measured no faster).
     Prefill: 128-token blocks.  (256-token blocks with gate and up in
     separate programs timed faster in one sweep, but that run's check of
     the default against BF16 failed with them, so they are not chosen.)
@@ -65,7 +69,7 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     blocks = min(num_pairs, triton.cdiv(num_pairs, 16) + experts.num_experts)
     down_programs = blocks * triton.cdiv(experts.hidden, 64)
     split = max(1, min(triton.cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
-    return FragmentConfig(16, 64, 64, split, 4, 4 if per_expert > 1 else 3, k_step=2)
+    return FragmentConfig(16, 64, 64, split, 4, 4 if per_expert > 1 else 3, k_step=2, warp_mma=True)
 
 
 @triton.jit
@@ -238,7 +242,8 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                         NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        PARTS: tl.constexpr, STEP: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                        PARTS: tl.constexpr, STEP: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
+                        INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -280,7 +285,7 @@ def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_
                                 A, H, I, E, VBASE, k_tiles, parts_stride,
                                 S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                                 NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                                WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Gate or up alone (odd N blocks: up), for experts whose gate and up share a scheme.
 
     Half the accumulators of ``_fragment_up_kernel`` let a program take
@@ -323,7 +328,8 @@ def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, p
                           A, H, I, E, VBASE, k_tiles,
                           D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                           NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          STEP: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                          STEP: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
+                          INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr + E, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -398,34 +404,64 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     act_bf16 = x.dtype == torch.bfloat16
     common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=act_bf16, INTERPRET=interpret,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    step = dict(STEP=cfg.k_step)
+    step = dict(STEP=cfg.k_step, WARP_MMA=cfg.warp_mma)  # WARP_MMA: a compiled kernel per choice
     per_launch = max(1, min(cfg.variants_per_launch, MAX_VARIANTS))
     variant = experts.fragment_variant
-    for base in range(0, len(experts.fragment_up_variants), per_launch):
-        chunk = experts.fragment_up_variants[base:base + per_launch]
-        padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
-        specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
-        n_blocks_up = triton.cdiv(inter, cfg.up_block_n)
-        if separate:
-            grid = (n_blocks, 2 * n_blocks_up, parts)
-            compiled = _fragment_projection_kernel[grid](
-                x, x.stride(0), ids, blk, variant, *store, g, u, pairs, hid, inter, e, base, up_chunk, slots * inter,
-                NUM_V=len(chunk), BN=cfg.up_block_n, **{f"S{i}": pair[0] for i, pair in enumerate(padded)}, **common)
-        else:
-            compiled = _fragment_up_kernel[(n_blocks, n_blocks_up, parts)](
-                x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid, inter, e, base, up_chunk,
-                slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
-        _check_operand_layout(compiled)
-    if parts > 1 or separate:
-        _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, pairs, inter, slots * inter, PARTS=parts,
-                                                          BLOCK=1024, ACT_BF16=act_bf16, INTERPRET=interpret)
-    down_chunk = triton.cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))
-    for base in range(0, len(experts.fragment_down_variants), per_launch):
-        chunk = experts.fragment_down_variants[base:base + per_launch]
-        padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
-        grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(down_tiles, down_chunk))
-        _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs,
-                                                          hid, inter, e, base, down_chunk,
-                                                          NUM_V=len(chunk), BN=cfg.down_block_n, **step,
-                                                          **{f"D{i}": code for i, code in enumerate(padded)},
-                                                          **common))
+    with _warp_mma(cfg.warp_mma and not interpret):
+        for base in range(0, len(experts.fragment_up_variants), per_launch):
+            chunk = experts.fragment_up_variants[base:base + per_launch]
+            padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
+            specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
+            n_blocks_up = triton.cdiv(inter, cfg.up_block_n)
+            if separate:
+                grid = (n_blocks, 2 * n_blocks_up, parts)
+                compiled = _fragment_projection_kernel[grid](
+                    x, x.stride(0), ids, blk, variant, *store, g, u, pairs, hid, inter, e, base, up_chunk,
+                    slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, WARP_MMA=cfg.warp_mma,
+                    **{f"S{i}": pair[0] for i, pair in enumerate(padded)}, **common)
+            else:
+                compiled = _fragment_up_kernel[(n_blocks, n_blocks_up, parts)](
+                    x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid, inter, e, base, up_chunk,
+                    slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
+            _check_operand_layout(compiled)
+        if parts > 1 or separate:
+            _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, pairs, inter, slots * inter, PARTS=parts,
+                                                              BLOCK=1024, ACT_BF16=act_bf16, INTERPRET=interpret)
+        down_chunk = triton.cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))
+        for base in range(0, len(experts.fragment_down_variants), per_launch):
+            chunk = experts.fragment_down_variants[base:base + per_launch]
+            padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
+            grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(down_tiles, down_chunk))
+            _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs,
+                                                              hid, inter, e, base, down_chunk,
+                                                              NUM_V=len(chunk), BN=cfg.down_block_n, **step,
+                                                              **{f"D{i}": code for i, code in enumerate(padded)},
+                                                              **common))
+
+
+@contextlib.contextmanager
+def _warp_mma(enabled: bool):
+    """Kernels compiled inside use warps' ``mma.sync`` instead of Hopper's wgmma (Triton's ``DISABLE_MMA_V3``).
+
+    With 16 tokens a block a K tile is a chain of the smallest wgmma, which
+    the warp group waits for before the next tile's codes; mma.sync measured
+    1.04x faster at one token and 1.06x at 16 on an H200 (0.57x at 2,048
+    tokens, so prefill keeps wgmma).  Both read the same operand layout, which
+    ``_check_operand_layout`` checks either way.  Triton reads the variable
+    when it compiles and keys its disk cache on it; the kernels take the
+    choice as a constexpr (``WARP_MMA``), so its in-process cache keeps one
+    compiled kernel per choice.  While set the variable is process-wide: a
+    kernel another thread compiles at that moment also gets mma.sync, which
+    is slower for it, never wrong.
+    """
+    if not enabled or _NO_WGMMA in os.environ:
+        yield
+        return
+    os.environ[_NO_WGMMA] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[_NO_WGMMA]
+
+
+_NO_WGMMA = "DISABLE_MMA_V3"
