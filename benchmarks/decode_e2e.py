@@ -16,9 +16,10 @@ Each decode step is one forward of one token in eager PyTorch; the script
 also tries the same step replayed from a CUDA graph (no Python or launch
 overhead).  Tokens/s = steps / seconds, median of ``--repeats``.  Each model
 is measured in its own process, so a CUDA error in one leaves the others'
-figures intact.  The JSON records device and versions.  On the H100 with
-transformers 5.17 the graph capture failed with a device-side assert for
-every model, the BF16 one included, so the committed figures are eager.
+figures intact.  The JSON records device and versions.  On the H100 and the
+H200 with transformers 5.17 the graph capture failed with a device-side
+assert for every model, the BF16 one included, so the committed figures are
+eager.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--schemes", default="nf4,int4")
-    parser.add_argument("--out", type=Path, default=RESULTS / "decode_e2e_h100.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_e2e_h200.json")
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():

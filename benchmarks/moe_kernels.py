@@ -1,6 +1,6 @@
 """Triton kernels on one GPU, side by side in one run: dequant bandwidth, MoE decode and prefill vs BF16.
 
-    python benchmarks/moe_kernels.py --out benchmarks/results/moe_kernels_h100.json [--sweep]
+    python benchmarks/moe_kernels.py --out benchmarks/results/moe_kernels_h200.json [--sweep] [--fragment-sweep]
 
 Shapes are Mixtral-8x7B's MoE layer (hidden 4096, intermediate 14336, 8
 experts, top-2).  Packed weights are random bytes and random scales in the
