@@ -170,6 +170,13 @@ def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 
+@pytest.mark.parametrize("field, value", [("block_m", 8), ("block_m", 48), ("up_block_n", 96), ("num_warps", 8),
+                                          ("k_step", 3), ("split_k", 0)])
+def test_tilings_the_kernels_cannot_run_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=f"FragmentConfig.{field} "):
+        dataclasses.replace(DECODE, **{field: value})
+
+
 def test_warp_mma_is_asked_for_only_while_the_kernels_compile_and_leaves_a_users_setting_alone(monkeypatch):
     monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
     with _warp_mma(True):

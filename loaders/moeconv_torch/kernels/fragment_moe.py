@@ -51,6 +51,27 @@ class FragmentConfig:
     k_step: int = 1  # K tiles per loop step (1, 2 or 4), whose scales are loaded together (``_gate_up``)
     warp_mma: bool = False  # products by warps' mma.sync rather than Hopper's wgmma (``_warp_mma``)
 
+    def __post_init__(self):
+        """Refuse tilings the kernels cannot run correctly, naming the field.
+
+        Eight warps (two warp groups) are refused too: with them, 256-token
+        blocks of 128 rows gave products 29% off on an H200 (correct in the
+        interpreter; the cause is not found), and four warps were never slower.
+        """
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"FragmentConfig.block_m must be a power of two >= 16, got {self.block_m}")
+        for name in ("up_block_n", "down_block_n"):
+            rows = getattr(self, name)
+            if rows < 16 or rows & (rows - 1):
+                raise ValueError(f"FragmentConfig.{name} must be a power of two >= 16, got {rows}")
+        if self.num_warps != 4:
+            raise ValueError(f"FragmentConfig.num_warps must be 4 (one warp group), got {self.num_warps}")
+        if self.k_step not in (1, 2, 4):
+            raise ValueError(f"FragmentConfig.k_step must be 1, 2 or 4, got {self.k_step}")
+        for name in ("split_k", "up_split_k", "num_stages", "variants_per_launch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FragmentConfig.{name} must be >= 1, got {getattr(self, name)}")
+
 
 def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> FragmentConfig:
     """Tiling by (token, expert) pairs per expert: the best of the H200 sweeps (benchmarks/moe_kernels.py).
