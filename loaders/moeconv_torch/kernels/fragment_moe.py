@@ -80,9 +80,9 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     (1.11x at one token, 1.08x at 16), products by mma.sync (1.04x, 1.06x),
     the down projection split along K to fill the GPU (splitting gate/up
     too measured no faster).
-    Prefill: 128-token blocks.  (256-token blocks with gate and up in
-    separate programs timed faster in one sweep, but that run's check of
-    the default against BF16 failed with them, so they are not chosen.)
+    Prefill: 128-token blocks, wgmma.  (256-token blocks on eight warps
+    with gate and up in separate programs timed faster in one sweep, but
+    computed wrong products, so ``FragmentConfig`` refuses eight warps.)
     """
     per_expert = num_pairs / experts.num_experts
     if per_expert > 32:
