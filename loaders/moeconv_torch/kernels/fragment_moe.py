@@ -56,7 +56,7 @@ class FragmentConfig:
 
         Eight warps (two warp groups) are refused too: with them, 256-token
         blocks of 128 rows gave products 29% off on an H200 (correct in the
-        interpreter; the cause is not found), and four warps were never slower.
+        interpreter; the cause is not found).
         """
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"FragmentConfig.block_m must be a power of two >= 16, got {self.block_m}")
