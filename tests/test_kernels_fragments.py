@@ -103,21 +103,42 @@ FRAGMENT_SETS = [
 ]
 TABLE_SETS = [(("nf4", 64, True),) * 3, (("fp4", 32, False),) * 3, (("nf4", 64, False), ("nf4", 64, False), ("int8", 64, False))]
 DECODE = FragmentConfig(16, 64, 64, 2, 4, 1)
+SCALED_PRODUCTS = dataclasses.replace(DECODE, scale_after_product=True)
 
 
 @pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("config, tokens", [(DECODE, 3), (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
-                         ids=["decode", "batch"])
+@pytest.mark.parametrize("config, tokens",
+                         [(DECODE, 3), (SCALED_PRODUCTS, 3), (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
+                         ids=["decode", "scaled-products", "batch"])
 def test_fragment_experts_match_reference(config, tokens, dtype, sets):
     rng = np.random.default_rng(7)
-    experts, dense = make_layer(sets, rng)
+    experts, dense = make_layer(sets, rng, scaled_after_product=config.scale_after_product)
     assert all(experts.fragment) and not experts.up_variants
     x = torch.from_numpy(rng.standard_normal((tokens, H))).to(dtype).to(DEVICE)
     ids, wts = routing(tokens, len(sets), 2, rng)
     got = moe.fused_moe(x, ids, wts, experts, fragment_config=config)
     assert got.dtype == dtype and got.shape == (tokens, H)
     assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
+
+
+@pytest.mark.parametrize("quant", [FRAGMENT_SETS[0], FRAGMENT_SETS[3], TABLE_SETS[0]],
+                         ids=["int4", "int4-sym", "nf4"])
+def test_products_scaled_after_the_product_multiply_by_unrounded_weights(quant):
+    """Scaled after the product, the kernels are nearer the unrounded weights than scaled before, and nearer
+    them than the rounded ones: the scales do not silently fall back to rounding each weight."""
+    rng = np.random.default_rng(8)
+    experts, exact = make_layer([quant, quant], rng, scaled_after_product=True)
+    x = torch.from_numpy(rng.standard_normal((3, H))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(3, 2, 2, rng)
+    want = reference(x, ids.cpu(), wts.cpu(), exact)
+
+    def err(config):
+        got = moe.fused_moe(x, ids, wts, experts, fragment_config=config).float().cpu()
+        return float((got - want).norm() / want.norm())
+
+    assert err(SCALED_PRODUCTS) < 0.75 * err(DECODE)
+    assert err(SCALED_PRODUCTS) < 3e-3
 
 
 def test_fragment_and_other_experts_share_one_layer():
@@ -136,13 +157,16 @@ def test_fragment_and_other_experts_share_one_layer():
 
 
 def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
-    """I = 192 rows of gate/up in programs of 128 rows (the last half empty), down split 3 ways."""
+    """I = 192 rows of gate/up in programs of 128 rows (the last half empty, and its tile of h past I), down
+    split 3 ways."""
     rng = np.random.default_rng(9)
     experts, dense = make_layer([FRAGMENT_SETS[0], FRAGMENT_SETS[2]], rng, hidden=H, inter=192)
     x = torch.from_numpy(rng.standard_normal((4, H))).to(torch.bfloat16).to(DEVICE)
     ids, wts = routing(4, 2, 2, rng)
-    got = moe.fused_moe(x, ids, wts, experts, fragment_config=FragmentConfig(16, 128, 64, 3, 4, 1))
-    assert_close(got, reference(x, ids.cpu(), wts.cpu(), dense))
+    want = reference(x, ids.cpu(), wts.cpu(), dense)
+    for scaled in (False, True):
+        config = FragmentConfig(16, 128, 64, 3, 4, 1, scale_after_product=scaled)
+        assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 
 def test_gate_and_up_in_k_pieces_and_in_separate_programs():
@@ -152,8 +176,9 @@ def test_gate_and_up_in_k_pieces_and_in_separate_programs():
     x = torch.from_numpy(rng.standard_normal((2, 192))).to(torch.bfloat16).to(DEVICE)
     ids, wts = routing(2, 3, 2, rng)
     want = reference(x, ids.cpu(), wts.cpu(), dense)
-    for pieces, separate in ((2, False), (3, False), (1, True), (2, True)):
-        config = dataclasses.replace(DECODE, up_split_k=pieces, split_gate_up=separate)
+    for pieces, separate, scaled in ((2, False, False), (3, False, False), (1, True, False), (2, True, False),
+                                     (2, False, True), (1, True, True)):
+        config = dataclasses.replace(DECODE, up_split_k=pieces, split_gate_up=separate, scale_after_product=scaled)
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 
@@ -165,8 +190,9 @@ def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
     x = torch.from_numpy(rng.standard_normal((3, 192))).to(torch.bfloat16).to(DEVICE)
     ids, wts = routing(3, 2, 2, rng)
     want = reference(x, ids.cpu(), wts.cpu(), dense)
-    for split in (1, 2):
-        config = dataclasses.replace(DECODE, k_step=k_step, split_k=split, warp_mma=k_step == 2)
+    for split, scaled in ((1, False), (2, False), (2, True)):
+        config = dataclasses.replace(DECODE, k_step=k_step, split_k=split, warp_mma=k_step == 2,
+                                     scale_after_product=scaled)
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 
@@ -175,6 +201,12 @@ def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
 def test_tilings_the_kernels_cannot_run_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"FragmentConfig.{field} "):
         dataclasses.replace(DECODE, **{field: value})
+
+
+def test_scaled_products_need_gate_up_programs_of_whole_h_tiles():
+    assert dataclasses.replace(DECODE, up_block_n=32).up_block_n == 32
+    with pytest.raises(ValueError, match="FragmentConfig.up_block_n .*scale_after_product"):
+        dataclasses.replace(SCALED_PRODUCTS, up_block_n=32)
 
 
 def test_warp_mma_is_asked_for_only_while_the_kernels_compile_and_leaves_a_users_setting_alone(monkeypatch):

@@ -37,13 +37,14 @@ def weight_like(scheme, shape, group_size, double_quant, rng):
     return parts, (scheme, group_size, double_quant)
 
 
-def make_layer(quants, rng, hidden=H, inter=I, fragments_allowed=True):
+def make_layer(quants, rng, hidden=H, inter=I, fragments_allowed=True, scaled_after_product=False):
     """quants: per expert ((gate scheme, gs, dq), (up ...), (down ...)) -> (PackedExperts, float32 weights).
 
     The float32 weights are what the kernels multiply by: the spec's weights
     rounded to bfloat16, or for experts in the fragment layout the fragment
     kernels' own rounding (``fragments.kernel_weights``, checked against the
-    spec in tests/test_kernels_fragments.py).
+    spec in tests/test_kernels_fragments.py), none for weights whose groups
+    are whole tiles when the kernels scale products (``scaled_after_product``).
     """
     packed = {"gate": [], "up": [], "down": []}
     stored = {"gate": [], "up": [], "down": []}
@@ -59,7 +60,8 @@ def make_layer(quants, rng, hidden=H, inter=I, fragments_allowed=True):
     for proj, weights in stored.items():
         for e, (parts, scheme, shape, gs, dq) in enumerate(weights):
             if experts.fragment[e]:
-                w = fragments.kernel_weights(to_torch(parts, "cpu"), scheme, shape, gs, torch.bfloat16)
+                rounded = not (scaled_after_product and gs % 64 == 0)
+                w = fragments.kernel_weights(to_torch(parts, "cpu"), scheme, shape, gs, torch.bfloat16, rounded)
             else:
                 w = torch.from_numpy(ref_dequantize(parts, scheme, shape, gs, dq)).to(torch.bfloat16).float()
             dense[proj].append(w)

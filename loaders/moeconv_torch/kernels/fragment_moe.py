@@ -7,8 +7,12 @@ number of tokens.  The products are turned around: a weight tile is the
 tensor cores' A operand (its rows are M) and the block's tokens are N, so a
 decode step (one token per expert, padded to the smallest N of 16) wastes
 tensor-core work, which is free, instead of weight bandwidth.  Weights come
-from ``fragment_tile``: dequantized in the registers where the product reads
-them, nothing through shared memory.
+from ``fragment_tiles``: dequantized in the registers where the product reads
+them, nothing through shared memory.  Decode multiplies the raw codes and
+applies each row's scale to the float32 product instead
+(``FragmentConfig.scale_after_product``, ``_product``), which needs the sums
+of each 64 activations: ``_tile_sums_kernel`` makes them for x, and the
+kernels that write h store them beside it.
 
 Mixed precision works as in ``moe``: each launch is compiled for up to
 ``MAX_VARIANTS`` (gate, up) or down spec codes and branches on the block's
@@ -27,7 +31,7 @@ import triton.language as tl
 
 from .dequant import tables
 from .experts import PackedExperts
-from .fragment_tiles import FRAGMENT_ASM_MARK, fragment_tile, tile_scales
+from .fragment_tiles import FRAGMENT_ASM_MARK, fragment_codes, fragment_tile, row_scales, tile_scales
 from .fragments import TILE_K
 from .tiles import mma, round_to
 
@@ -50,6 +54,8 @@ class FragmentConfig:
     variants_per_launch: int = MAX_VARIANTS
     k_step: int = 1  # K tiles per loop step (1, 2 or 4), whose scales are loaded together (``_gate_up``)
     warp_mma: bool = False  # products by warps' mma.sync rather than Hopper's wgmma (``_warp_mma``)
+    max_registers: int | None = None  # registers per thread the compiler may use (Triton's ``maxnreg``)
+    scale_after_product: bool = False  # groups of 64k columns: scales applied to products, not weights (``_product``)
 
     def __post_init__(self):
         """Refuse tilings the kernels cannot run correctly, naming the field.
@@ -68,6 +74,9 @@ class FragmentConfig:
             raise ValueError(f"FragmentConfig.num_warps must be 4 (one warp group), got {self.num_warps}")
         if self.k_step not in (1, 2, 4):
             raise ValueError(f"FragmentConfig.k_step must be 1, 2 or 4, got {self.k_step}")
+        if self.scale_after_product and self.up_block_n % 64:
+            raise ValueError("FragmentConfig.up_block_n must be a multiple of 64 with scale_after_product "
+                             f"(the down projection's tiles of h), got {self.up_block_n}")
         for name in ("split_k", "up_split_k", "num_stages", "variants_per_launch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FragmentConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -76,13 +85,17 @@ class FragmentConfig:
 def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> FragmentConfig:
     """Tiling by (token, expert) pairs per expert: the best of the H200 sweeps (benchmarks/moe_kernels.py).
 
-    Few tokens: 16-token blocks, 64-row programs, two K tiles a loop step
-    (1.11x at one token, 1.08x at 16), products by mma.sync (1.04x, 1.06x),
-    the down projection split along K to fill the GPU (splitting gate/up
-    too measured no faster).
-    Prefill: 128-token blocks, wgmma.  (256-token blocks on eight warps
-    with gate and up in separate programs timed faster in one sweep, but
-    computed wrong products, so ``FragmentConfig`` refuses eight warps.)
+    Few tokens: 16-token blocks, 64-row programs, products by mma.sync,
+    scales applied to the products (``_product``), the down projection split
+    along K to fill the GPU.  One token an expert: one K tile a loop step
+    and gate/up in two K pieces (int4 99 us, nf4 139 us on Mixtral shapes,
+    against 108 and 153 with scaled weights).  More: two K tiles a step,
+    whose registers are held to 128 so that four programs fit on a
+    multiprocessor (int4 328 us, nf4 471 at 16 tokens, against 337 and 501).
+    Prefill: 128-token blocks, wgmma, weights scaled before the product.
+    (256-token blocks on eight warps with gate and up in separate programs
+    timed faster in one sweep, but computed wrong products, so
+    ``FragmentConfig`` refuses eight warps.)
     """
     per_expert = num_pairs / experts.num_experts
     if per_expert > 32:
@@ -90,7 +103,11 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     blocks = min(num_pairs, triton.cdiv(num_pairs, 16) + experts.num_experts)
     down_programs = blocks * triton.cdiv(experts.hidden, 64)
     split = max(1, min(triton.cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
-    return FragmentConfig(16, 64, 64, split, 4, 4 if per_expert > 1 else 3, k_step=2, warp_mma=True)
+    if per_expert <= 1:
+        return FragmentConfig(16, 64, 64, split, 4, 3, up_split_k=2, k_step=1, warp_mma=True,
+                              scale_after_product=True)
+    return FragmentConfig(16, 64, 64, split, 4, 4, k_step=2, warp_mma=True, max_registers=128,
+                          scale_after_product=True)
 
 
 @triton.jit
@@ -117,96 +134,144 @@ def _block(ids_ptr, blk_ptr, var_ptr, pid_m, A, VBASE, NUM_V: tl.constexpr, TOPK
 
 
 @triton.jit
-def _gate_up_tile(x_rows, valid, kt, gs, gz, us, uz, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
-                  GSPEC: tl.constexpr, USPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr,
-                  INTERPRET: tl.constexpr):
-    """``acc_g``, ``acc_u`` plus the products of storage tile ``kt``, given its scale pairs."""
-    xt = tl.trans(tl.load(x_rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
-    wg = fragment_tile(gl, gs, gz, tab_ptr, mt0, kt, I // 16, H // 64, GSPEC, BN, ACT_BF16, INTERPRET)
-    acc_g = mma(wg, xt, acc_g, INTERPRET)
-    wu = fragment_tile(ul, us, uz, tab_ptr, mt0, kt, I // 16, H // 64, USPEC, BN, ACT_BF16, INTERPRET)
-    return acc_g, mma(wu, xt, acc_u, INTERPRET)
+def _scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr, POST: tl.constexpr,
+            ACT_BF16: tl.constexpr):
+    """The scales ``_product`` takes for tile ``kt``: per row (``row_scales``) or per weight (``tile_scales``)."""
+    if POST and SPEC // 256 % 64 == 0:
+        s, z = row_scales(sz_ptr, mt0, kt, row_blocks, SPEC, BN, ACT_BF16)
+    else:
+        s, z = tile_scales(sz_ptr, mt0, kt, row_blocks, SPEC, BN)
+    return s, z
 
 
 @triton.jit
-def _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
-             GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr,
-             ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights.
+def _product(lanes, s, z, xt, xs, acc, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC: tl.constexpr,
+             BN: tl.constexpr, POST: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc`` plus one weight tile times ``xt`` [64, BM]; ``s``, ``z`` from ``_scales``, ``xs`` the sums of ``xt``.
 
-    A loop step takes ``STEP`` tiles (1, 2 or 4) and loads all their scales
-    first.  Triton's software pipeline copies the codes and activations
-    ahead, but not the 16-bit scale loads (too narrow for its asynchronous
-    copies): each step waits one memory latency for them, so the more tiles
-    share that wait the better.  (Loading them a step ahead, or as 32-bit
-    pairs that the pipeline takes, made Triton give them layouts that copy
-    every scale into every thread.)  The tiles past the last whole step go
-    one at a time.
+    With ``POST`` (and groups of whole tiles), the tensor cores multiply the
+    raw codes and the scales apply to the float32 product:
+    ``acc + s (codes . x) + z sum(x)``.  That spends two float32 multiply-adds
+    per output element of the tile instead of two packed ones per weight
+    pair, which pays with few tokens (16 outputs per 64 weights a row); it is
+    also exact up to float32 where scaled weights round to the activation
+    dtype.  Otherwise the weights are scaled before the product.
     """
-    acc_g = tl.zeros([BN, BM], tl.float32)
-    acc_u = tl.zeros([BN, BM], tl.float32)
-    x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
-    rb = I // 16
-    whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
-    for kt in range(kt_lo, whole, STEP):
-        gs0, gz0 = tile_scales(gp, mt0, kt, rb, GSPEC, BN)
-        us0, uz0 = tile_scales(up, mt0, kt, rb, USPEC, BN)
-        if STEP > 1:
-            gs1, gz1 = tile_scales(gp, mt0, kt + 1, rb, GSPEC, BN)
-            us1, uz1 = tile_scales(up, mt0, kt + 1, rb, USPEC, BN)
-        if STEP > 2:
-            gs2, gz2 = tile_scales(gp, mt0, kt + 2, rb, GSPEC, BN)
-            us2, uz2 = tile_scales(up, mt0, kt + 2, rb, USPEC, BN)
-            gs3, gz3 = tile_scales(gp, mt0, kt + 3, rb, GSPEC, BN)
-            us3, uz3 = tile_scales(up, mt0, kt + 3, rb, USPEC, BN)
-        acc_g, acc_u = _gate_up_tile(x_rows, valid, kt, gs0, gz0, us0, uz0, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
-                                     GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
-        if STEP > 1:
-            acc_g, acc_u = _gate_up_tile(x_rows, valid, kt + 1, gs1, gz1, us1, uz1, acc_g, acc_u, H, I, gl, ul,
-                                         tab_ptr, mt0, GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
-        if STEP > 2:
-            acc_g, acc_u = _gate_up_tile(x_rows, valid, kt + 2, gs2, gz2, us2, uz2, acc_g, acc_u, H, I, gl, ul,
-                                         tab_ptr, mt0, GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
-            acc_g, acc_u = _gate_up_tile(x_rows, valid, kt + 3, gs3, gz3, us3, uz3, acc_g, acc_u, H, I, gl, ul,
-                                         tab_ptr, mt0, GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
-    for kt in range(whole, kt_hi):
-        gs0, gz0 = tile_scales(gp, mt0, kt, rb, GSPEC, BN)
-        us0, uz0 = tile_scales(up, mt0, kt, rb, USPEC, BN)
-        acc_g, acc_u = _gate_up_tile(x_rows, valid, kt, gs0, gz0, us0, uz0, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
-                                     GSPEC, USPEC, BN, ACT_BF16, INTERPRET)
-    return acc_g, acc_u
-
-
-@triton.jit
-def _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0,
-                SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr,
-                INTERPRET: tl.constexpr):
-    """One of gate or up [BN, BM] (float32) over storage tiles [kt_lo, kt_hi)."""
-    acc = tl.zeros([BN, BM], tl.float32)
-    x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
-    cols = tl.arange(0, 64)[None, :]
-    row_blocks, row_tiles = I // 16, H // 64
-    for kt in range(kt_lo, kt_hi):
-        ws, wz = tile_scales(wp, mt0, kt, row_blocks, SPEC, BN)
-        xt = tl.trans(tl.load(x_rows + kt * 64 + cols, mask=valid[:, None], other=0.0))
-        w = fragment_tile(wl, ws, wz, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET)
+    if POST and SPEC // 256 % 64 == 0:
+        w = fragment_codes(lanes, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET, True)
+        acc = acc + mma(w, xt, tl.zeros_like(acc), INTERPRET) * s[:, None]
+        if SPEC % 4 == 0:  # int codes: their offset and raw bias (tables have neither)
+            acc = acc + z[:, None] * xs[None, :]
+    else:
+        w = fragment_tile(lanes, s, z, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET)
         acc = mma(w, xt, acc, INTERPRET)
     return acc
 
 
 @triton.jit
-def _down_tile(h_rows, valid, kt, ds, dz, acc, H, I, dl, tab_ptr, mt0,
-               SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """``acc`` plus the down product of storage tile ``kt``, whose scale pairs are ``ds``, ``dz``."""
-    ht = tl.trans(tl.load(h_rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
-    w = fragment_tile(dl, ds, dz, tab_ptr, mt0, kt, H // 16, I // 64, SPEC, BN, ACT_BF16, INTERPRET)
-    return mma(w, ht, acc, INTERPRET)
+def _activations(rows, sum_rows, valid, kt, POST: tl.constexpr):
+    """Tile ``kt`` of the block's activations, transposed to [64, BM], and (with ``POST``) their sums [BM]."""
+    xt = tl.trans(tl.load(rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
+    if POST:
+        xs = tl.load(sum_rows + kt, mask=valid, other=0.0)
+    else:
+        xs = 0.0
+    return xt, xs
 
 
 @triton.jit
-def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
-          SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr, ACT_BF16: tl.constexpr,
-          INTERPRET: tl.constexpr):
+def _gate_up_tile(x_rows, xs_rows, valid, kt, gs, gz, us, uz, acc_g, acc_u, H, I, gl, ul, tab_ptr, mt0,
+                  GSPEC: tl.constexpr, USPEC: tl.constexpr, BN: tl.constexpr, POST: tl.constexpr,
+                  ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc_g``, ``acc_u`` plus the products of storage tile ``kt``, given its scales (``_scales``)."""
+    xt, xs = _activations(x_rows, xs_rows, valid, kt, POST)
+    acc_g = _product(gl, gs, gz, xt, xs, acc_g, tab_ptr, mt0, kt, I // 16, H // 64, GSPEC, BN, POST, ACT_BF16,
+                     INTERPRET)
+    acc_u = _product(ul, us, uz, xt, xs, acc_u, tab_ptr, mt0, kt, I // 16, H // 64, USPEC, BN, POST, ACT_BF16,
+                     INTERPRET)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
+             GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr,
+             POST: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights.
+
+    A loop step takes ``STEP`` tiles (1, 2 or 4) and loads all their scales
+    first.  Triton's software pipeline copies the codes and activations
+    ahead, but not the scale loads: with the weights scaled before the
+    product each step waits one memory latency for them (16-bit loads, too
+    narrow for its asynchronous copies), so the more tiles share that wait
+    the better; scaled after it, they are needed only once the product is
+    done.  (Loading per-weight scales a step ahead, or as 32-bit pairs that
+    the pipeline takes, made Triton give them layouts that copy every scale
+    into every thread.)  The tiles past the last whole step go one at a
+    time.
+    """
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
+    xs_rows = xsum_ptr + tok.to(tl.int64) * (H // 64)
+    rb = I // 16
+    whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
+    for kt in range(kt_lo, whole, STEP):
+        gs0, gz0 = _scales(gp, mt0, kt, rb, GSPEC, BN, POST, ACT_BF16)
+        us0, uz0 = _scales(up, mt0, kt, rb, USPEC, BN, POST, ACT_BF16)
+        if STEP > 1:
+            gs1, gz1 = _scales(gp, mt0, kt + 1, rb, GSPEC, BN, POST, ACT_BF16)
+            us1, uz1 = _scales(up, mt0, kt + 1, rb, USPEC, BN, POST, ACT_BF16)
+        if STEP > 2:
+            gs2, gz2 = _scales(gp, mt0, kt + 2, rb, GSPEC, BN, POST, ACT_BF16)
+            us2, uz2 = _scales(up, mt0, kt + 2, rb, USPEC, BN, POST, ACT_BF16)
+            gs3, gz3 = _scales(gp, mt0, kt + 3, rb, GSPEC, BN, POST, ACT_BF16)
+            us3, uz3 = _scales(up, mt0, kt + 3, rb, USPEC, BN, POST, ACT_BF16)
+        acc_g, acc_u = _gate_up_tile(x_rows, xs_rows, valid, kt, gs0, gz0, us0, uz0, acc_g, acc_u, H, I, gl, ul,
+                                     tab_ptr, mt0, GSPEC, USPEC, BN, POST, ACT_BF16, INTERPRET)
+        if STEP > 1:
+            acc_g, acc_u = _gate_up_tile(x_rows, xs_rows, valid, kt + 1, gs1, gz1, us1, uz1, acc_g, acc_u, H,
+                                         I, gl, ul, tab_ptr, mt0, GSPEC, USPEC, BN, POST, ACT_BF16, INTERPRET)
+        if STEP > 2:
+            acc_g, acc_u = _gate_up_tile(x_rows, xs_rows, valid, kt + 2, gs2, gz2, us2, uz2, acc_g, acc_u, H,
+                                         I, gl, ul, tab_ptr, mt0, GSPEC, USPEC, BN, POST, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up_tile(x_rows, xs_rows, valid, kt + 3, gs3, gz3, us3, uz3, acc_g, acc_u, H,
+                                         I, gl, ul, tab_ptr, mt0, GSPEC, USPEC, BN, POST, ACT_BF16, INTERPRET)
+    for kt in range(whole, kt_hi):
+        gs0, gz0 = _scales(gp, mt0, kt, rb, GSPEC, BN, POST, ACT_BF16)
+        us0, uz0 = _scales(up, mt0, kt, rb, USPEC, BN, POST, ACT_BF16)
+        acc_g, acc_u = _gate_up_tile(x_rows, xs_rows, valid, kt, gs0, gz0, us0, uz0, acc_g, acc_u, H, I, gl, ul,
+                                     tab_ptr, mt0, GSPEC, USPEC, BN, POST, ACT_BF16, INTERPRET)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _projection(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0,
+                SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, POST: tl.constexpr, ACT_BF16: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """One of gate or up [BN, BM] (float32) over storage tiles [kt_lo, kt_hi)."""
+    acc = tl.zeros([BN, BM], tl.float32)
+    x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
+    xs_rows = xsum_ptr + tok.to(tl.int64) * (H // 64)
+    for kt in range(kt_lo, kt_hi):
+        ws, wz = _scales(wp, mt0, kt, I // 16, SPEC, BN, POST, ACT_BF16)
+        xt, xs = _activations(x_rows, xs_rows, valid, kt, POST)
+        acc = _product(wl, ws, wz, xt, xs, acc, tab_ptr, mt0, kt, I // 16, H // 64, SPEC, BN, POST, ACT_BF16,
+                       INTERPRET)
+    return acc
+
+
+@triton.jit
+def _down_tile(h_rows, hs_rows, valid, kt, ds, dz, acc, H, I, dl, tab_ptr, mt0, SPEC: tl.constexpr,
+               BN: tl.constexpr, POST: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``acc`` plus the down product of storage tile ``kt``, whose scales are ``ds``, ``dz`` (``_scales``)."""
+    ht, hs = _activations(h_rows, hs_rows, valid, kt, POST)
+    return _product(dl, ds, dz, ht, hs, acc, tab_ptr, mt0, kt, H // 16, I // 64, SPEC, BN, POST, ACT_BF16, INTERPRET)
+
+
+@triton.jit
+def _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
+          SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr, POST: tl.constexpr,
+          ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Down product [BN, BM] (float32) over storage tiles [kt_lo, kt_hi) of the block's rows of ``h``.
 
     ``STEP`` tiles (1, 2 or 4) a loop step, with all their scales loaded first
@@ -214,33 +279,65 @@ def _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
     """
     acc = tl.zeros([BN, BM], tl.float32)
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
+    hs_rows = hsum_ptr + slot.to(tl.int64) * (I // 64)
     rb = H // 16
     whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
     for kt in range(kt_lo, whole, STEP):
-        s0, z0 = tile_scales(dp, mt0, kt, rb, SPEC, BN)
+        s0, z0 = _scales(dp, mt0, kt, rb, SPEC, BN, POST, ACT_BF16)
         if STEP > 1:
-            s1, z1 = tile_scales(dp, mt0, kt + 1, rb, SPEC, BN)
+            s1, z1 = _scales(dp, mt0, kt + 1, rb, SPEC, BN, POST, ACT_BF16)
         if STEP > 2:
-            s2, z2 = tile_scales(dp, mt0, kt + 2, rb, SPEC, BN)
-            s3, z3 = tile_scales(dp, mt0, kt + 3, rb, SPEC, BN)
-        acc = _down_tile(h_rows, valid, kt, s0, z0, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16, INTERPRET)
+            s2, z2 = _scales(dp, mt0, kt + 2, rb, SPEC, BN, POST, ACT_BF16)
+            s3, z3 = _scales(dp, mt0, kt + 3, rb, SPEC, BN, POST, ACT_BF16)
+        acc = _down_tile(h_rows, hs_rows, valid, kt, s0, z0, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, POST, ACT_BF16,
+                         INTERPRET)
         if STEP > 1:
-            acc = _down_tile(h_rows, valid, kt + 1, s1, z1, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16,
-                             INTERPRET)
+            acc = _down_tile(h_rows, hs_rows, valid, kt + 1, s1, z1, acc, H, I, dl, tab_ptr, mt0, SPEC, BN,
+                             POST, ACT_BF16, INTERPRET)
         if STEP > 2:
-            acc = _down_tile(h_rows, valid, kt + 2, s2, z2, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16,
-                             INTERPRET)
-            acc = _down_tile(h_rows, valid, kt + 3, s3, z3, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16,
-                             INTERPRET)
+            acc = _down_tile(h_rows, hs_rows, valid, kt + 2, s2, z2, acc, H, I, dl, tab_ptr, mt0, SPEC, BN,
+                             POST, ACT_BF16, INTERPRET)
+            acc = _down_tile(h_rows, hs_rows, valid, kt + 3, s3, z3, acc, H, I, dl, tab_ptr, mt0, SPEC, BN,
+                             POST, ACT_BF16, INTERPRET)
     for kt in range(whole, kt_hi):
-        s0, z0 = tile_scales(dp, mt0, kt, rb, SPEC, BN)
-        acc = _down_tile(h_rows, valid, kt, s0, z0, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, ACT_BF16, INTERPRET)
+        s0, z0 = _scales(dp, mt0, kt, rb, SPEC, BN, POST, ACT_BF16)
+        acc = _down_tile(h_rows, hs_rows, valid, kt, s0, z0, acc, H, I, dl, tab_ptr, mt0, SPEC, BN, POST, ACT_BF16,
+                         INTERPRET)
     return acc
 
 
 @triton.jit
-def _gated_kernel(g_ptr, u_ptr, ids_ptr, h_ptr, A, I, parts_stride,
-                  PARTS: tl.constexpr, BLOCK: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+def _tile_sums_kernel(x_ptr, stride_x, out_ptr, H, TILES: tl.constexpr):
+    """out[t, j] = the float32 sum of x[t, 64 j : 64 j + 64]: what ``_product`` takes out of raw-code products."""
+    t = tl.program_id(0)
+    j = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    ok = j < H // 64
+    x = tl.load(x_ptr + t.to(tl.int64) * stride_x + j[:, None] * 64 + tl.arange(0, 64)[None, :], mask=ok[:, None],
+                other=0.0)
+    tl.store(out_ptr + t.to(tl.int64) * (H // 64) + j, tl.sum(x.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit
+def _store_h(h_ptr, hsum_ptr, offs, mask, slot, valid, n0, h, I, SUMS: tl.constexpr, TILES: tl.constexpr,
+             COLS: tl.constexpr):
+    """Store ``h`` [TILES * 64 entries of I, COLS slots] and, with ``SUMS``, the sums of each of its 64 entries.
+
+    The down projection's ``_product`` needs, per slot, the sum of each 64
+    consecutive entries of h as stored (rounded); ``h`` covers ``TILES`` of
+    them from entry ``n0`` (a multiple of 64).
+    """
+    tl.store(h_ptr + offs, h, mask=mask)
+    if SUMS:
+        sums = tl.sum(tl.reshape(h.to(tl.float32), [TILES, 64, COLS]), 1)  # [TILES, COLS]
+        tile = n0 // 64 + tl.arange(0, TILES)
+        ok = (tile < I // 64)[:, None] & valid[None, :]
+        tl.store(hsum_ptr + slot.to(tl.int64)[None, :] * (I // 64) + tile[:, None], sums, mask=ok)
+
+
+@triton.jit
+def _gated_kernel(g_ptr, u_ptr, ids_ptr, h_ptr, hsum_ptr, A, I, parts_stride,
+                  PARTS: tl.constexpr, BLOCK: tl.constexpr, SUMS: tl.constexpr, ACT_BF16: tl.constexpr,
+                  INTERPRET: tl.constexpr):
     """h = silu(sum of the gate pieces) * (sum of the up pieces) for one row slot, in the activation dtype."""
     slot = tl.program_id(0)
     if tl.load(ids_ptr + slot) >= A:  # padding slot
@@ -253,18 +350,21 @@ def _gated_kernel(g_ptr, u_ptr, ids_ptr, h_ptr, A, I, parts_stride,
     for p in tl.static_range(PARTS):
         g += tl.load(g_ptr + p * parts_stride + offs, mask=ok, other=0.0)
         u += tl.load(u_ptr + p * parts_stride + offs, mask=ok, other=0.0)
-    tl.store(h_ptr + offs, round_to(g / (1.0 + tl.exp(-g)) * u, ACT_BF16, INTERPRET), mask=ok)
+    h = round_to(g / (1.0 + tl.exp(-g)) * u, ACT_BF16, INTERPRET)
+    n0 = tl.program_id(1) * BLOCK
+    slots = slot + tl.zeros([1], tl.int32)  # as a one-column block, the layout ``_store_h`` takes
+    _store_h(h_ptr, hsum_ptr, offs[:, None], ok[:, None], slots, slots >= 0, n0, h[:, None], I, SUMS, BLOCK // 64, 1)
 
 
 @triton.jit
-def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, h_ptr, g_ptr,
-                        u_ptr,
+def _fragment_up_kernel(x_ptr, stride_x, xsum_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr,
+                        h_ptr, hsum_ptr, g_ptr, u_ptr,
                         A, H, I, E, VBASE, k_tiles, parts_stride,
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                         NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        PARTS: tl.constexpr, STEP: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        PARTS: tl.constexpr, STEP: tl.constexpr, POST: tl.constexpr, WARP_MMA: tl.constexpr,
+                        ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -276,37 +376,39 @@ def _fragment_up_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lan
     acc_g = tl.zeros([BN, BM], tl.float32)
     acc_u = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
-                                G0, U0, BM, BN, STEP, ACT_BF16, INTERPRET)
+        acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
+                                tab_ptr, mt0, G0, U0, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
-                                    G1, U1, BM, BN, STEP, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
+                                    tab_ptr, mt0, G1, U1, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
-                                    G2, U2, BM, BN, STEP, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
+                                    tab_ptr, mt0, G2, U2, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc_g, acc_u = _gate_up(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
-                                    G3, U3, BM, BN, STEP, ACT_BF16, INTERPRET)
+            acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
+                                    tab_ptr, mt0, G3, U3, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
     offs = slot.to(tl.int64)[None, :] * I + n[:, None]
     mask = valid[None, :] & (n < I)[:, None]
     if PARTS == 1:
-        tl.store(h_ptr + offs, round_to(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, ACT_BF16, INTERPRET), mask=mask)
+        h = round_to(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, ACT_BF16, INTERPRET)
+        _store_h(h_ptr, hsum_ptr, offs, mask, slot, valid, mt0 * 16, h, I, POST, BN // 64, BM)
     else:  # one K piece of several: ``_gated_kernel`` sums the pieces and applies SiLU
         tl.store(g_ptr + tl.program_id(2) * parts_stride + offs, acc_g, mask=mask)
         tl.store(u_ptr + tl.program_id(2) * parts_stride + offs, acc_u, mask=mask)
 
 
 @triton.jit
-def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, g_ptr,
-                                u_ptr,
+def _fragment_projection_kernel(x_ptr, stride_x, xsum_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr,
+                                tab_ptr, g_ptr, u_ptr,
                                 A, H, I, E, VBASE, k_tiles, parts_stride,
                                 S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                                 NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                                POST: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
+                                INTERPRET: tl.constexpr):
     """Gate or up alone (odd N blocks: up), for experts whose gate and up share a scheme.
 
     Half the accumulators of ``_fragment_up_kernel`` let a program take
@@ -323,20 +425,20 @@ def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_
     wl, wp = _weight(off_ptr, lane_ptr, pair_ptr, (which * E + e) * 2)
     acc = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S0, BM, BN, ACT_BF16,
-                          INTERPRET)
+        acc = _projection(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S0, BM,
+                          BN, POST, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S1, BM, BN, ACT_BF16,
-                              INTERPRET)
+            acc = _projection(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S1, BM,
+                              BN, POST, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S2, BM, BN, ACT_BF16,
-                              INTERPRET)
+            acc = _projection(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S2, BM,
+                              BN, POST, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc = _projection(x_ptr, stride_x, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S3, BM, BN, ACT_BF16,
-                              INTERPRET)
+            acc = _projection(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, wl, wp, tab_ptr, mt0, S3, BM,
+                              BN, POST, ACT_BF16, INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
     offs = tl.program_id(2) * parts_stride + slot.to(tl.int64)[None, :] * I + n[:, None]
     mask = valid[None, :] & (n < I)[:, None]
@@ -345,11 +447,11 @@ def _fragment_projection_kernel(x_ptr, stride_x, ids_ptr, blk_ptr, var_ptr, off_
 
 
 @triton.jit
-def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, wt_ptr, out_ptr,
-                          A, H, I, E, VBASE, k_tiles,
+def _fragment_down_kernel(h_ptr, hsum_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr, wt_ptr,
+                          out_ptr, A, H, I, E, VBASE, k_tiles,
                           D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                           NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          STEP: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
+                          STEP: tl.constexpr, POST: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
                           INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr + E, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
@@ -360,20 +462,20 @@ def _fragment_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, p
     kt_hi = tl.minimum(kt_lo + k_tiles, I // 64)
     acc = tl.zeros([BN, BM], tl.float32)
     if v == 0:
-        acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D0, BM, BN, STEP, ACT_BF16,
-                    INTERPRET)
+        acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D0, BM, BN, STEP, POST,
+                    ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D1, BM, BN, STEP, ACT_BF16,
-                        INTERPRET)
+            acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D1, BM, BN, STEP, POST,
+                        ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D2, BM, BN, STEP, ACT_BF16,
-                        INTERPRET)
+            acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D2, BM, BN, STEP, POST,
+                        ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
-            acc = _down(h_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D3, BM, BN, STEP, ACT_BF16,
-                        INTERPRET)
+            acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D3, BM, BN, STEP, POST,
+                        ACT_BF16, INTERPRET)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     n = mt0 * 16 + tl.arange(0, BN)
     tl.atomic_add(out_ptr + tok.to(tl.int64)[None, :] * H + n[:, None], acc * wt[None, :],
@@ -421,10 +523,19 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     g = u = h
     if parts > 1 or separate:  # float32 gate and up products, one per K piece
         g, u = torch.empty(2, parts, slots, inter, dtype=torch.float32, device=x.device)
+    post = cfg.scale_after_product
+    xsum = hsum = out  # unread unless ``post``
+    if post:  # the sums of each 64 activations of x and of h, for ``_product``
+        xsum = torch.empty(x.shape[0], up_tiles, dtype=torch.float32, device=x.device)
+        hsum = torch.empty(slots, down_tiles, dtype=torch.float32, device=x.device)
+        if any(_needs_sums(code) for pair in experts.fragment_up_variants for code in pair):
+            _tile_sums_kernel[(x.shape[0], triton.cdiv(up_tiles, 16))](x, x.stride(0), xsum, hid, TILES=16)
     store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype), tables(x.device))
     act_bf16 = x.dtype == torch.bfloat16
-    common = dict(TOPK=topk, BM=cfg.block_m, ACT_BF16=act_bf16, INTERPRET=interpret,
+    common = dict(TOPK=topk, BM=cfg.block_m, POST=post, ACT_BF16=act_bf16, INTERPRET=interpret,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.max_registers is not None and not interpret:
+        common["maxnreg"] = cfg.max_registers
     step = dict(STEP=cfg.k_step, WARP_MMA=cfg.warp_mma)  # WARP_MMA: a compiled kernel per choice
     per_launch = max(1, min(cfg.variants_per_launch, MAX_VARIANTS))
     variant = experts.fragment_variant
@@ -437,27 +548,35 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
             if separate:
                 grid = (n_blocks, 2 * n_blocks_up, parts)
                 compiled = _fragment_projection_kernel[grid](
-                    x, x.stride(0), ids, blk, variant, *store, g, u, pairs, hid, inter, e, base, up_chunk,
+                    x, x.stride(0), xsum, ids, blk, variant, *store, g, u, pairs, hid, inter, e, base, up_chunk,
                     slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, WARP_MMA=cfg.warp_mma,
                     **{f"S{i}": pair[0] for i, pair in enumerate(padded)}, **common)
             else:
                 compiled = _fragment_up_kernel[(n_blocks, n_blocks_up, parts)](
-                    x, x.stride(0), ids, blk, variant, *store, h, g, u, pairs, hid, inter, e, base, up_chunk,
-                    slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
+                    x, x.stride(0), xsum, ids, blk, variant, *store, h, hsum, g, u, pairs, hid, inter, e, base,
+                    up_chunk, slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw,
+                    **common)
             _check_operand_layout(compiled)
         if parts > 1 or separate:
-            _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, pairs, inter, slots * inter, PARTS=parts,
-                                                              BLOCK=1024, ACT_BF16=act_bf16, INTERPRET=interpret)
+            _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, hsum, pairs, inter, slots * inter,
+                                                              PARTS=parts, BLOCK=1024, SUMS=post, ACT_BF16=act_bf16,
+                                                              INTERPRET=interpret)
         down_chunk = triton.cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))
         for base in range(0, len(experts.fragment_down_variants), per_launch):
             chunk = experts.fragment_down_variants[base:base + per_launch]
             padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
             grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(down_tiles, down_chunk))
-            _check_operand_layout(_fragment_down_kernel[grid](h, ids, blk, variant, *store, weights, out, pairs,
+            _check_operand_layout(_fragment_down_kernel[grid](h, hsum, ids, blk, variant, *store, weights, out, pairs,
                                                               hid, inter, e, base, down_chunk,
                                                               NUM_V=len(chunk), BN=cfg.down_block_n, **step,
                                                               **{f"D{i}": code for i, code in enumerate(padded)},
                                                               **common))
+
+
+def _needs_sums(code: int) -> bool:
+    """Whether ``_product`` with ``scale_after_product`` reads the activations' sums for a spec code (int codes
+    in groups of whole tiles)."""
+    return code % 4 == 0 and (code >> 8) % 64 == 0
 
 
 @contextlib.contextmanager

@@ -21,6 +21,10 @@ block (``pack=8``: the thread's eight elements of that block):
   roundings cost little (and nothing for symmetric schemes, where the
   second term is 0).
 
+For products scaled afterwards (``fragment_codes(RAW=True)``, see
+``row_scales``) the asm stops after the ``lop3``: the magic number and the
+centring come out of the float32 product instead.
+
 The asm takes one operand (Triton moves a conversion into the dot operand's
 layout only through single-operand inline asm), so the position of a code
 in its word is the same for every thread: the layout put it there.  Under
@@ -42,8 +46,14 @@ from .tiles import lookup, round_to
 FRAGMENT_ASM_MARK = "// moeconv fragment codes"
 
 
-def _asm(bits: int, bf16: bool) -> str:
-    """PTX: one lane word (two, for 8 bits) -> the thread's 8 codes of a block minus 2^(bits-1), as 4 half pairs."""
+def _asm(bits: int, bf16: bool, raw: bool = False) -> str:
+    """PTX: one lane word (two, for 8 bits) -> the thread's 8 codes of a block minus 2^(bits-1), as 4 half pairs.
+
+    ``raw`` leaves out the subtraction where a code is assembled as ``M + c``
+    (``M`` the magic number; 8-bit codes in bfloat16 stay centred): the
+    products then carry ``raw_bias`` times the activations' sum, which the
+    kernels take out after the product (``row_scales``).
+    """
     f = "bf16x2" if bf16 else "f16x2"
     magic, mbias = (0x4300, 128.0) if bf16 else (0x6400, 1024.0)
     lines = [f"mov.b32 one, {_pair(1.0, bf16)};", f"mov.b32 neg, {_pair(-(mbias + (1 << (bits - 1))), bf16)};"]
@@ -61,7 +71,7 @@ def _asm(bits: int, bf16: bool) -> str:
                           f"fma.rn.{f} u, u, sixteen, bias;", f"fma.rn.{f} ${j}, t, one, u;"]
             else:
                 lines += [f"shr.b32 t, {word}, {shift};", f"lop3.b32 t, t, 0x00FF00FF, 0x{magic:04X}{magic:04X}, 0xEA;",
-                          f"fma.rn.{f} ${j}, t, one, neg;"]
+                          f"mov.b32 ${j}, t;" if raw else f"fma.rn.{f} ${j}, t, one, neg;"]
     else:
         mask = "0x000F000F" if bits == 4 else "0x00030003"
         source = "$4"
@@ -69,8 +79,11 @@ def _asm(bits: int, bf16: bool) -> str:
             lines.append("prmt.b32 w, $4, $4, 0x3120;")
             source = "w"
         for j in range(4):
-            lines += [f"shr.b32 t, {source}, {bits * j};", f"lop3.b32 t, t, {mask}, 0x{magic:04X}{magic:04X}, 0xEA;",
-                      f"fma.rn.{f} ${j}, t, one, neg;"]
+            lines.append(f"shr.b32 t, {source}, {bits * j};")
+            if raw:
+                lines.append(f"lop3.b32 ${j}, t, {mask}, 0x{magic:04X}{magic:04X}, 0xEA;")
+            else:
+                lines += [f"lop3.b32 t, t, {mask}, 0x{magic:04X}{magic:04X}, 0xEA;", f"fma.rn.{f} ${j}, t, one, neg;"]
     return "{\n" + FRAGMENT_ASM_MARK + "\n.reg .b32 t, u, w, one, neg, sixteen, bias;\n" + "\n".join(lines) + "\n}"
 
 
@@ -118,6 +131,8 @@ def _pair(value: float, bf16: bool) -> str:
 
 ASM2_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 4, 8))
 ASM2_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 4, 8))
+RAW2_BF16, RAW4_BF16 = (tl.constexpr(_asm(bits, True, raw=True)) for bits in (2, 4))
+RAW2_F16, RAW4_F16, RAW8_F16 = (tl.constexpr(_asm(bits, False, raw=True)) for bits in (2, 4, 8))
 NF4_BF16, NF4_F16 = (tl.constexpr(_table_asm(NF4_CODE, bf16)) for bf16 in (True, False))
 FP4_BF16, FP4_F16 = (tl.constexpr(_table_asm(FP4_CODE, bf16)) for bf16 in (True, False))
 #: Four outputs (pairs of halves); eight 32-bit inputs, or four holding two 16-bit elements each.
@@ -157,19 +172,36 @@ def _code_bits(MT: tl.constexpr, BITS: tl.constexpr, TABLE: tl.constexpr):
 
 
 @triton.jit
-def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+def raw_bias(SPEC: tl.constexpr, ACT_BF16: tl.constexpr):
+    """What ``fragment_codes(RAW=True)`` adds to every int code's centred value: ``M + 2^(bits-1)``, or 0.
+
+    ``M`` is the magic number whose mantissa the codes are written into
+    (128 in bfloat16, 1024 in float16).  8-bit codes in bfloat16 are
+    assembled already centred, and table codes are their table values: 0.
+    """
+    FAM: tl.constexpr = SPEC % 4
+    BITS: tl.constexpr = SPEC // 4 % 16
+    CENTRED: tl.constexpr = FAM != 0 or (BITS == 8 and ACT_BF16)
+    MAGIC: tl.constexpr = 128.0 if ACT_BF16 else 1024.0
+    return 0.0 if CENTRED else MAGIC + (1 << (BITS - 1))
+
+
+@triton.jit
+def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+           RAW: tl.constexpr):
     """What the codes of the lane words ``w`` (spread to [BN, 64]) stand for, exact in the activation dtype.
 
-    Int codes minus 2^(bits-1); nf4/fp4 codes as their table entries rounded
-    to the activation dtype (``tab_ptr``: ``specs.code_tables``, read by the
-    interpreter only).
+    Int codes minus 2^(bits-1), plus ``raw_bias`` if ``RAW``; nf4/fp4 codes
+    as their table entries rounded to the activation dtype (``tab_ptr``:
+    ``specs.code_tables``, read by the interpreter only).
     """
     FAM: tl.constexpr = SPEC % 4
     BITS: tl.constexpr = SPEC // 4 % 16
     if INTERPRET:
         c = (w.to(tl.int32) >> _code_bits(MT, BITS, FAM != 0)) & ((1 << BITS) - 1)
         if FAM == 0:
-            v = round_to((c - (1 << (BITS - 1))).to(tl.float32), ACT_BF16, INTERPRET)  # small integers: exact
+            bias = raw_bias(SPEC, ACT_BF16) if RAW else 0.0
+            v = round_to((c - (1 << (BITS - 1))).to(tl.float32) + bias, ACT_BF16, INTERPRET)  # integers: exact
         else:  # nf4, fp4 tables at 0 and 16 (specs.TAB_*)
             v = round_to(lookup(tab_ptr + 16 * (FAM - 1) + c), ACT_BF16, INTERPRET)
     elif ACT_BF16:
@@ -180,20 +212,25 @@ def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.conste
         elif BITS == 8:
             v = tl.inline_asm_elementwise(ASM8_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
         elif BITS == 4:
-            v = tl.inline_asm_elementwise(ASM4_BF16, IO_32, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
+            v = tl.inline_asm_elementwise(RAW4_BF16 if RAW else ASM4_BF16, IO_32, [w], dtype=tl.bfloat16,
+                                          is_pure=True, pack=8)
         else:
-            v = tl.inline_asm_elementwise(ASM2_BF16, IO_16, [w], dtype=tl.bfloat16, is_pure=True, pack=8)
+            v = tl.inline_asm_elementwise(RAW2_BF16 if RAW else ASM2_BF16, IO_16, [w], dtype=tl.bfloat16,
+                                          is_pure=True, pack=8)
     else:
         if FAM == 1:
             v = tl.inline_asm_elementwise(NF4_F16, IO_TABLE, [w], dtype=tl.float16, is_pure=True, pack=16)
         elif FAM == 2:
             v = tl.inline_asm_elementwise(FP4_F16, IO_TABLE, [w], dtype=tl.float16, is_pure=True, pack=16)
         elif BITS == 8:
-            v = tl.inline_asm_elementwise(ASM8_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
+            v = tl.inline_asm_elementwise(RAW8_F16 if RAW else ASM8_F16, IO_32, [w], dtype=tl.float16,
+                                          is_pure=True, pack=8)
         elif BITS == 4:
-            v = tl.inline_asm_elementwise(ASM4_F16, IO_32, [w], dtype=tl.float16, is_pure=True, pack=8)
+            v = tl.inline_asm_elementwise(RAW4_F16 if RAW else ASM4_F16, IO_32, [w], dtype=tl.float16,
+                                          is_pure=True, pack=8)
         else:
-            v = tl.inline_asm_elementwise(ASM2_F16, IO_16, [w], dtype=tl.float16, is_pure=True, pack=8)
+            v = tl.inline_asm_elementwise(RAW2_F16 if RAW else ASM2_F16, IO_16, [w], dtype=tl.float16,
+                                          is_pure=True, pack=8)
     return v
 
 
@@ -217,18 +254,39 @@ def tile_scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexp
 
 
 @triton.jit
-def fragment_tile(lane_ptr, s4, nz4, tab_ptr, mt0, kt, row_blocks, row_tiles,
-                  SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
-    """W[16 mt0 : 16 mt0 + BN, 64 kt : 64 kt + 64] of one weight in the activation dtype.
+def row_scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr):
+    """float32 ``(s, offset - raw_bias * s)`` [BN] of rows ``16 mt0 ..`` for tile ``kt``, whose columns share a group.
+
+    For products of raw codes (``fragment_codes(RAW=True)``) scaled after
+    the product: a row's share of a tile is ``s * (raw codes . x) + (offset -
+    raw_bias s) * sum(x)``, in float32, so neither the scale nor the magic
+    number costs an instruction per weight.  Each row's pair is one 32-bit
+    load.
+    """
+    GS: tl.constexpr = SPEC // 256
+    rows = mt0 * 16 + tl.arange(0, BN)
+    pairs = sz_ptr.to(tl.pointer_type(tl.int32)) + kt * 64 // GS * (row_blocks * 16) + rows
+    word = tl.load(pairs, mask=rows < row_blocks * 16, other=0)
+    if ACT_BF16:  # a bfloat16 is the high half of a float32
+        s = (word << 16).to(tl.float32, bitcast=True)
+        offset = (word & -65536).to(tl.float32, bitcast=True)
+    else:
+        s = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        offset = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return s, offset - raw_bias(SPEC, ACT_BF16) * s
+
+
+@triton.jit
+def fragment_codes(lane_ptr, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC: tl.constexpr, BN: tl.constexpr,
+                   ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr, RAW: tl.constexpr):
+    """What the codes of W[16 mt0 : 16 mt0 + BN, 64 kt : 64 kt + 64] stand for (``_codes``), unscaled, [BN, 64].
 
     ``lane_ptr`` points at the weight's lane words (int32; int16 for 2-bit
-    codes), ``s4``/``nz4`` are the tile's scale pairs (``tile_scales``),
-    ``tab_ptr`` the code tables (interpreter only);
+    codes), ``tab_ptr`` at the code tables (interpreter only);
     ``row_blocks`` = rows / 16 and ``row_tiles`` = columns / 64.  Row blocks
-    past the weight read as zero weights.
+    past the weight read as code 0.
     """
     BITS: tl.constexpr = SPEC // 4 % 16
-    GS: tl.constexpr = SPEC // 256
     MT: tl.constexpr = BN // 16
     mt = mt0 + tl.arange(0, MT)
     lane = (mt[:, None, None, None] * row_tiles + kt) * 32 + tl.arange(0, 8)[None, :, None, None] * 4 \
@@ -244,7 +302,21 @@ def fragment_tile(lane_ptr, s4, nz4, tab_ptr, mt0, kt, row_blocks, row_tiles,
         w = _fragment(tl.load(lane_ptr + (lane * 4 + block), mask=ok, other=0), MT)
     else:
         w = _fragment(tl.load(lane_ptr.to(tl.pointer_type(tl.int16)) + (lane * 4 + block), mask=ok, other=0), MT)
-    c = _codes(w, tab_ptr, MT, SPEC, ACT_BF16, INTERPRET)
+    return _codes(w, tab_ptr, MT, SPEC, ACT_BF16, INTERPRET, RAW)
+
+
+@triton.jit
+def fragment_tile(lane_ptr, s4, nz4, tab_ptr, mt0, kt, row_blocks, row_tiles,
+                  SPEC: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """W[16 mt0 : 16 mt0 + BN, 64 kt : 64 kt + 64] of one weight in the activation dtype, scaled.
+
+    ``s4``/``nz4`` are the tile's scale pairs (``tile_scales``); the other
+    arguments as ``fragment_codes``.  Row blocks past the weight read as
+    zero weights (their scales are 0).
+    """
+    GS: tl.constexpr = SPEC // 256
+    MT: tl.constexpr = BN // 16
+    c = fragment_codes(lane_ptr, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, ACT_BF16, INTERPRET, False)
     # One scale pair per (row, group): a tile holds NG whole groups or lies inside one.
     NG: tl.constexpr = 64 // GS if GS < 64 else 1
     WIDTH: tl.constexpr = GS if GS < 64 else 64

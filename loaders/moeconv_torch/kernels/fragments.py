@@ -207,21 +207,26 @@ def code_values(scheme: str, dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(1 << info.bits, dtype=torch.float32) - float(1 << (info.bits - 1))
 
 
-def kernel_weights(parts, scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def kernel_weights(parts, scheme: str, shape: tuple[int, int], group_size: int, dtype: torch.dtype,
+                   rounded: bool = True) -> torch.Tensor:
     """float32 [N, K]: the weights the fragment kernels multiply by, for tests and error budgets.
 
     ``v(c) s + offset`` with ``v`` from ``code_values`` and both factors from
-    ``scale_pairs`` (in ``dtype``), rounded once to ``dtype``, as the
-    kernels' fused multiply-add does.  Against the spec's float32 weights
-    this is a few roundings of ``dtype`` (bfloat16: about 0.3% relative),
-    where the other kernels round once.
+    ``scale_pairs`` (in ``dtype``), rounded once to ``dtype`` as the kernels'
+    fused multiply-add does when they scale weights before the product.
+    Against the spec's float32 weights this is a few roundings of ``dtype``
+    (bfloat16: about 0.3% relative), where the other kernels round once.
+    ``rounded=False`` gives the unrounded float32 weights that kernels
+    scaling after the product (``FragmentConfig.scale_after_product``, groups
+    of whole 64-column tiles) multiply by.
     """
     codes = _codes(parts["qweight"], scheme, shape).long()
     values = code_values(scheme, dtype).to(codes.device)[codes]
     pairs = scale_pairs(parts, scheme, shape, group_size, dtype).float()
     s = pairs[..., 0].repeat_interleave(group_size, dim=1)[:, :shape[1]]
     offset = pairs[..., 1].repeat_interleave(group_size, dim=1)[:, :shape[1]]
-    return (values * s + offset).to(dtype).float()
+    weights = values * s + offset
+    return weights.to(dtype).float() if rounded else weights
 
 
 def lane_shape(scheme: str, shape: tuple[int, int]) -> tuple[int, int, int, int, int]:
