@@ -33,6 +33,7 @@ from .dequant import tables
 from .experts import PackedExperts
 from .fragment_tiles import FRAGMENT_ASM_MARK, fragment_codes, fragment_tile, row_scales, tile_scales
 from .fragments import TILE_K
+from .specs import FAM_INT
 from .tiles import mma, round_to
 
 #: Variants compiled into one launch (more take further launches).
@@ -55,7 +56,7 @@ class FragmentConfig:
     k_step: int = 1  # K tiles per loop step (1, 2 or 4), whose scales are loaded together (``_gate_up``)
     warp_mma: bool = False  # products by warps' mma.sync rather than Hopper's wgmma (``_warp_mma``)
     max_registers: int | None = None  # registers per thread the compiler may use (Triton's ``maxnreg``)
-    scale_after_product: bool = False  # groups of 64k columns: scales applied to products, not weights (``_product``)
+    scale_after_product: bool = False  # groups of whole tiles: scales applied to products, not weights (``_product``)
 
     def __post_init__(self):
         """Refuse tilings the kernels cannot run correctly, naming the field.
@@ -574,9 +575,9 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
 
 
 def _needs_sums(code: int) -> bool:
-    """Whether ``_product`` with ``scale_after_product`` reads the activations' sums for a spec code (int codes
-    in groups of whole tiles)."""
-    return code % 4 == 0 and (code >> 8) % 64 == 0
+    """Whether ``_product`` with ``scale_after_product`` reads the activations' sums for a spec code
+    (``specs.spec_code``): int codes in groups of whole tiles."""
+    return code % 4 == FAM_INT and (code >> 8) % TILE_K == 0
 
 
 @contextlib.contextmanager
