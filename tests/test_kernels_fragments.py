@@ -1,4 +1,4 @@
-"""The fragment layout (int2/int4/int8 codes where each GPU thread reads them) and its fused MoE kernels.
+"""The fragment layout (int2/3/4/8 codes where each GPU thread reads them) and its fused MoE kernels.
 
 The layout conversions are plain torch and are checked exactly, both ways and
 against the definition of where each code goes.  The kernels run in Triton's
@@ -28,7 +28,14 @@ from moeconv_torch.kernels.fragment_moe import FragmentConfig, _warp_mma  # noqa
 H, I = 64, 128
 
 
-@pytest.mark.parametrize("scheme", ["int2", "int4", "int8", "nf4"])
+def three_bit_word(words, mt, kt, r0, lane_c, blk):
+    """A block's word of 3-bit lanes, block 3's put together from the spare nibbles as the kernels do."""
+    a, b = words[mt, kt, (4 * r0 + lane_c) * 2], words[mt, kt, (4 * r0 + lane_c) * 2 + 1]
+    c = words[mt, kt, 64 + 4 * r0 + lane_c]
+    return [a, b, c, (a >> 12) & 0x000F000F | (b >> 8) & 0x00F000F0 | (c >> 4) & 0x0F000F00][blk]
+
+
+@pytest.mark.parametrize("scheme", ["int2", "int3", "int4", "int8", "nf4"])
 def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
     rng = np.random.default_rng(len(scheme))
     n, k = 32, 192
@@ -45,7 +52,9 @@ def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
     for r in range(n):
         for c in range(k):
             rh, r0, blk, kh, lane_c, kl = (r // 8) % 2, r % 8, (c // 16) % 4, (c // 8) % 2, (c // 2) % 4, c % 2
-            if bits == 8:
+            if bits == 3:
+                word, pos = three_bit_word(words, r // 16, c // 64, r0, lane_c, blk), 3 * (rh + 2 * kh) + 16 * kl
+            elif bits == 8:
                 word, pos = words[r // 16, c // 64, r0, lane_c, 2 * blk + kh], 8 * (rh + 2 * kl)
             elif table:
                 word, pos = words[r // 16, c // 64, r0, lane_c, blk], 4 * (kl + 2 * rh + 4 * kh)
@@ -56,7 +65,6 @@ def test_lanes_hold_each_code_where_the_layout_says_and_convert_back(scheme):
 
 
 @pytest.mark.parametrize("scheme, shape, group, reason", [
-    ("int3", (32, 64), 64, "no fragment layout"),
     ("mxfp4", (32, 64), 32, "no fragment layout"),
     ("nf4", (32, 192), 128, "straddle rows"),
     ("int4", (24, 64), 64, "whole 16 x 64 tiles"),
@@ -100,17 +108,20 @@ FRAGMENT_SETS = [
     (("int8", 64, False),) * 3,
     (("int2", 32, False),) * 3,
     (("int4-sym", 128, False),) * 3,
+    (("int3", 64, False), ("int3-sym", 32, False), ("int3", 64, False)),
 ]
 TABLE_SETS = [(("nf4", 64, True),) * 3, (("fp4", 32, False),) * 3, (("nf4", 64, False), ("nf4", 64, False), ("int8", 64, False))]
 DECODE = FragmentConfig(16, 64, 64, 2, 4, 1)
 SCALED_PRODUCTS = dataclasses.replace(DECODE, scale_after_product=True)
+NARROW = dataclasses.replace(SCALED_PRODUCTS, block_m=8, warp_mma=True)
 
 
 @pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config, tokens",
-                         [(DECODE, 3), (SCALED_PRODUCTS, 3), (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
-                         ids=["decode", "scaled-products", "batch"])
+                         [(DECODE, 3), (SCALED_PRODUCTS, 3), (NARROW, 20),
+                          (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
+                         ids=["decode", "scaled-products", "narrow-blocks", "batch"])
 def test_fragment_experts_match_reference(config, tokens, dtype, sets):
     rng = np.random.default_rng(7)
     experts, dense = make_layer(sets, rng, scaled_after_product=config.scale_after_product)
@@ -142,8 +153,9 @@ def test_products_scaled_after_the_product_multiply_by_unrounded_weights(quant):
 
 
 def test_fragment_and_other_experts_share_one_layer():
-    """int4/int8 experts in the fragment kernels, mxfp4/int3 ones in the others, one output; one variant a launch."""
-    quants = [FRAGMENT_SETS[0], (("mxfp4", 32, False),) * 3, FRAGMENT_SETS[1], (("int3", 64, False),) * 3]
+    """int4/int8 experts in the fragment kernels, mxfp4 and int3 in groups of 48 in the others, one output;
+    one variant a launch."""
+    quants = [FRAGMENT_SETS[0], (("mxfp4", 32, False),) * 3, FRAGMENT_SETS[1], (("int3", 48, False),) * 3]
     rng = np.random.default_rng(3)
     experts, dense = make_layer(quants, rng)
     assert experts.fragment == (True, False, True, False)
@@ -196,7 +208,7 @@ def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 
-@pytest.mark.parametrize("field, value", [("block_m", 8), ("block_m", 48), ("up_block_n", 96), ("num_warps", 8),
+@pytest.mark.parametrize("field, value", [("block_m", 4), ("block_m", 48), ("up_block_n", 96), ("num_warps", 8),
                                           ("k_step", 3), ("split_k", 0)])
 def test_tilings_the_kernels_cannot_run_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"FragmentConfig.{field} "):

@@ -39,7 +39,7 @@ power-of-two divisor >= 16, nf4/fp4 blocks straddling rows) makes ``build``
 raise ``ValueError``: the loader should then keep its torch path for that
 layer.
 
-On Hopper GPUs (and in the interpreter), ``build`` stores the int2/int4/int8, nf4 and fp4
+On Hopper GPUs (and in the interpreter), ``build`` stores the int2/3/4/8, nf4 and fp4
 experts of whole 16 x 64 tiles in the fragment layout (``fragments``), read
 by the fragment kernels (``fragment_moe``): tensor-core products at every
 batch size with weights dequantized in the registers that feed them.  The

@@ -10,7 +10,7 @@ that code rows keep 16-byte loads.  ``offsets`` says where each part of each
 projection of each expert starts, and ``variant`` which compiled
 specialisation of the kernel reads it.
 
-Experts whose three projections have a fragment layout (int2/int4/int8,
+Experts whose three projections have a fragment layout (int2/3/4/8,
 nf4 and fp4 in whole 16 x 64 tiles, ``fragments.fragment_unsupported``) keep their codes in
 that layout instead, in a fourth buffer (``lanes``, int32), and run in the
 fragment kernels (``fragment_moe``); their scales and zeros stay in ``f16``,

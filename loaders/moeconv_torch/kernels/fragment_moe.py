@@ -1,4 +1,4 @@
-"""Fused MoE kernels for the experts in the fragment layout (int2/4/8, nf4, fp4; see ``fragments``).
+"""Fused MoE kernels for the experts in the fragment layout (int2/3/4/8, nf4, fp4; see ``fragments``).
 
 The same two stages as ``moe`` (gate and up with SiLU, then down with the
 router weights and an atomic add into the float32 output), on pairs sorted by
@@ -44,7 +44,7 @@ MAX_VARIANTS = 4
 class FragmentConfig:
     """Tiling of the fragment kernels; ``choose_fragment_config`` picks it, benchmarks may override."""
 
-    block_m: int  # tokens per block: the products' N (>= 16)
+    block_m: int  # tokens per block: the products' N (>= 8, mma.sync's narrowest)
     up_block_n: int  # gate/up rows per program (a multiple of 16; 64 per four warps for wgmma)
     down_block_n: int  # down rows per program
     split_k: int  # K pieces of the down projection
@@ -65,8 +65,8 @@ class FragmentConfig:
         blocks of 128 rows gave products 29% off on an H200 (correct in the
         interpreter; the cause is not found).
         """
-        if self.block_m < 16 or self.block_m & (self.block_m - 1):
-            raise ValueError(f"FragmentConfig.block_m must be a power of two >= 16, got {self.block_m}")
+        if self.block_m < 8 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"FragmentConfig.block_m must be a power of two >= 8, got {self.block_m}")
         for name in ("up_block_n", "down_block_n"):
             rows = getattr(self, name)
             if rows < 16 or rows & (rows - 1):
@@ -86,29 +86,30 @@ class FragmentConfig:
 def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> FragmentConfig:
     """Tiling by (token, expert) pairs per expert: the best of the H200 sweeps (benchmarks/moe_kernels.py).
 
-    Few tokens: 16-token blocks, 64-row programs, products by mma.sync,
-    scales applied to the products (``_product``), the down projection split
-    along K to fill the GPU.  One token an expert: one K tile a loop step
-    and gate/up in two K pieces (int4 99 us, nf4 139 us on Mixtral shapes,
-    against 108 and 153 with scaled weights).  More: two K tiles a step,
-    whose registers are held to 128 so that four programs fit on a
-    multiprocessor (int4 328 us, nf4 471 at 16 tokens, against 337 and 501).
-    Prefill: 128-token blocks, wgmma, weights scaled before the product.
-    (256-token blocks on eight warps with gate and up in separate programs
-    timed faster in one sweep, but computed wrong products, so
-    ``FragmentConfig`` refuses eight warps.)
+    Few tokens: 8-token blocks (mma.sync's narrowest product, which halves
+    the tensor-core work and float32 scaling of 16-token blocks and lets the
+    compiler hold gate/up in about 64 registers, seven programs a
+    multiprocessor), 64-row programs, scales applied to the products
+    (``_product``), the down projection split along K to fill the GPU.  One
+    token an expert: one K tile a loop step and gate/up in two K pieces
+    (int4 87 us, nf4 125 us on Mixtral shapes, against 93 and 136 with
+    16-token blocks).  More: two K tiles a step (int4 272 us, nf4 437 at 16
+    tokens, against 338 and 462 with 16-token blocks).  Prefill: 128-token
+    blocks, wgmma, weights scaled before the product.  (256-token blocks on
+    eight warps with gate and up in separate programs timed faster in one
+    sweep, but computed wrong products, so ``FragmentConfig`` refuses eight
+    warps.)
     """
     per_expert = num_pairs / experts.num_experts
     if per_expert > 32:
         return FragmentConfig(128, 64, 64, 1, 4, 3)
-    blocks = min(num_pairs, triton.cdiv(num_pairs, 16) + experts.num_experts)
+    blocks = min(num_pairs, triton.cdiv(num_pairs, 8) + experts.num_experts)
     down_programs = blocks * triton.cdiv(experts.hidden, 64)
     split = max(1, min(triton.cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
     if per_expert <= 1:
-        return FragmentConfig(16, 64, 64, split, 4, 3, up_split_k=2, k_step=1, warp_mma=True,
+        return FragmentConfig(8, 64, 64, split, 4, 3, up_split_k=2, k_step=1, warp_mma=True,
                               scale_after_product=True)
-    return FragmentConfig(16, 64, 64, split, 4, 4, k_step=2, warp_mma=True, max_registers=128,
-                          scale_after_product=True)
+    return FragmentConfig(8, 64, 64, split, 4, 3, k_step=2, warp_mma=True, scale_after_product=True)
 
 
 @triton.jit

@@ -72,8 +72,8 @@ def _asm(bits: int, bf16: bool, raw: bool = False) -> str:
             else:
                 lines += [f"shr.b32 t, {word}, {shift};", f"lop3.b32 t, t, 0x00FF00FF, 0x{magic:04X}{magic:04X}, 0xEA;",
                           f"mov.b32 ${j}, t;" if raw else f"fma.rn.{f} ${j}, t, one, neg;"]
-    else:
-        mask = "0x000F000F" if bits == 4 else "0x00030003"
+    else:  # 2, 3 and 4 bits: one shift and one lop3 a pair (3 bits: a 12-bit field per kl, at bits 0 and 16)
+        mask = {2: "0x00030003", 3: "0x00070007", 4: "0x000F000F"}[bits]
         source = "$4"
         if bits == 2:  # a 16-bit lane element: its high byte (the kl = 1 codes) moves to bits 16-23
             lines.append("prmt.b32 w, $4, $4, 0x3120;")
@@ -129,10 +129,10 @@ def _pair(value: float, bf16: bool) -> str:
     return f"0x{bits:04X}{bits:04X}"
 
 
-ASM2_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 4, 8))
-ASM2_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 4, 8))
-RAW2_BF16, RAW4_BF16 = (tl.constexpr(_asm(bits, True, raw=True)) for bits in (2, 4))
-RAW2_F16, RAW4_F16, RAW8_F16 = (tl.constexpr(_asm(bits, False, raw=True)) for bits in (2, 4, 8))
+ASM2_BF16, ASM3_BF16, ASM4_BF16, ASM8_BF16 = (tl.constexpr(_asm(bits, True)) for bits in (2, 3, 4, 8))
+ASM2_F16, ASM3_F16, ASM4_F16, ASM8_F16 = (tl.constexpr(_asm(bits, False)) for bits in (2, 3, 4, 8))
+RAW2_BF16, RAW3_BF16, RAW4_BF16 = (tl.constexpr(_asm(bits, True, raw=True)) for bits in (2, 3, 4))
+RAW2_F16, RAW3_F16, RAW4_F16, RAW8_F16 = (tl.constexpr(_asm(bits, False, raw=True)) for bits in (2, 3, 4, 8))
 NF4_BF16, NF4_F16 = (tl.constexpr(_table_asm(NF4_CODE, bf16)) for bf16 in (True, False))
 FP4_BF16, FP4_F16 = (tl.constexpr(_table_asm(FP4_CODE, bf16)) for bf16 in (True, False))
 #: Four outputs (pairs of halves); eight 32-bit inputs, or four holding two 16-bit elements each.
@@ -164,6 +164,8 @@ def _code_bits(MT: tl.constexpr, BITS: tl.constexpr, TABLE: tl.constexpr):
     kl = tl.arange(0, 2)[None, None, None, None, None, None, :]
     if BITS == 8:
         pos = 8 * (rh + 2 * kl) + 0 * kh
+    elif BITS == 3:
+        pos = 3 * (rh + 2 * kh) + 16 * kl
     elif TABLE:
         pos = 4 * (kl + 2 * rh + 4 * kh)
     else:
@@ -214,6 +216,9 @@ def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.conste
         elif BITS == 4:
             v = tl.inline_asm_elementwise(RAW4_BF16 if RAW else ASM4_BF16, IO_32, [w], dtype=tl.bfloat16,
                                           is_pure=True, pack=8)
+        elif BITS == 3:
+            v = tl.inline_asm_elementwise(RAW3_BF16 if RAW else ASM3_BF16, IO_32, [w], dtype=tl.bfloat16,
+                                          is_pure=True, pack=8)
         else:
             v = tl.inline_asm_elementwise(RAW2_BF16 if RAW else ASM2_BF16, IO_16, [w], dtype=tl.bfloat16,
                                           is_pure=True, pack=8)
@@ -227,6 +232,9 @@ def _codes(w, tab_ptr, MT: tl.constexpr, SPEC: tl.constexpr, ACT_BF16: tl.conste
                                           is_pure=True, pack=8)
         elif BITS == 4:
             v = tl.inline_asm_elementwise(RAW4_F16 if RAW else ASM4_F16, IO_32, [w], dtype=tl.float16,
+                                          is_pure=True, pack=8)
+        elif BITS == 3:
+            v = tl.inline_asm_elementwise(RAW3_F16 if RAW else ASM3_F16, IO_32, [w], dtype=tl.float16,
                                           is_pure=True, pack=8)
         else:
             v = tl.inline_asm_elementwise(RAW2_F16 if RAW else ASM2_F16, IO_16, [w], dtype=tl.float16,
@@ -265,7 +273,7 @@ def row_scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr
     """
     GS: tl.constexpr = SPEC // 256
     rows = mt0 * 16 + tl.arange(0, BN)
-    pairs = sz_ptr.to(tl.pointer_type(tl.int32)) + kt * 64 // GS * (row_blocks * 16) + rows
+    pairs = sz_ptr.to(tl.pointer_type(tl.int32)) + kt // (GS // 64) * (row_blocks * 16) + rows
     word = tl.load(pairs, mask=rows < row_blocks * 16, other=0)
     if ACT_BF16:  # a bfloat16 is the high half of a float32
         s = (word << 16).to(tl.float32, bitcast=True)
@@ -274,6 +282,26 @@ def row_scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr
         s = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         offset = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return s, offset - raw_bias(SPEC, ACT_BF16) * s
+
+
+@triton.jit
+def _three_bit_words(lane_ptr, mt, kt, row_tiles, ok, MT: tl.constexpr):
+    """[MT, 8 (r0), 4 (block), 4 (c)]: each lane's word of each block of a 3-bit tile (``fragments``).
+
+    Words A and B are one 8-byte load, C one 4-byte load; block 3's word is
+    put together from the nibbles at bits 12-15 and 28-31 of the three, and
+    the choice between the four folds away (a thread's block is known per
+    register).
+    """
+    tile = (mt[:, None, None, None] * row_tiles + kt) * 96
+    lane = tl.arange(0, 8)[None, :, None, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # [1, 8, 1, 4]
+    ab = tl.load(lane_ptr + (tile + lane * 2)[:, :, :, :, None] + tl.arange(0, 2)[None, None, None, None, :],
+                 mask=ok[:, :, :, :, None], other=0)
+    a, b = tl.split(ab)
+    c = tl.load(lane_ptr + tile + 64 + lane, mask=ok, other=0)
+    d = ((a >> 12) & 0x000F000F) | ((b >> 8) & 0x00F000F0) | ((c >> 4) & 0x0F000F00)
+    block = tl.arange(0, 4)[None, None, :, None]
+    return tl.where(block == 0, a, tl.where(block == 1, b, tl.where(block == 2, c, d)))
 
 
 @triton.jit
@@ -298,6 +326,8 @@ def fragment_codes(lane_ptr, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC: tl.c
             + tl.arange(0, 4)[None, None, :, None]  # [MT, 8, 4 (c), 1]
         words = tl.load(lane_ptr + lane8 * 8 + tl.arange(0, 8)[None, None, None, :], mask=ok, other=0)
         w = _fragment_kh(tl.permute(tl.reshape(words, [MT, 8, 4, 4, 2]), [0, 1, 3, 4, 2]), MT)
+    elif BITS == 3:
+        w = _fragment(_three_bit_words(lane_ptr, mt, kt, row_tiles, ok, MT), MT)
     elif BITS == 4:
         w = _fragment(tl.load(lane_ptr + (lane * 4 + block), mask=ok, other=0), MT)
     else:

@@ -9,7 +9,7 @@ of ``mma.m16n8k16`` and of ``wgmma``'s register operand).  Stored row-major,
 those eight codes lie in two rows and four bytes apart; here they are moved,
 once at load time, into one lane word, so that a thread turns one load into
 its eight weights with a handful of bit operations and no exchange between
-threads (the layout Marlin introduced for int4 GEMMs, generalised to 2 and 8
+threads (the layout Marlin introduced for int4 GEMMs, generalised to 2, 3 and 8
 bits).
 
 A weight ``[N, K]`` (N a multiple of 16, K of 64) becomes a tensor of shape
@@ -27,7 +27,19 @@ In every case code ``(rh, kh, kl)`` of a block sits at bit
 ``bits * (rh + 2 kh + 4 kl)`` of the lane's bits for that block (for 8 bits,
 of word kh, with kh taken out of the index), so that one shift of the lane
 word serves a pair ``kl = 0, 1`` that the tensor core reads as one 32-bit
-register.  Scales travel beside the codes as ``(s, (2^(b-1) - z) s)``
+register.
+
+3 bits take three int32 words per lane and tile (``[N / 16, K / 64, 96]``:
+the 32 lanes' words A and B, then their words C, so that a thread reads one
+8-byte and one 4-byte piece).  A block's codes with the same ``kl`` form a
+12-bit field, code ``(rh, kh)`` at bit ``3 (rh + 2 kh)``; word A holds
+block 0's fields at bits 0 and 16 (``kl`` = 0, 1), B block 1's, C block 2's,
+and block 3's two fields are cut into nibbles that fill the spare bits 12-15
+and 28-31 of A (field bits 0-3), B (4-7) and C (8-11).  The kernels put
+block 3's word together with three shifts and masks, after which every
+block reads like the others: one shift per pair of codes.
+
+Scales travel beside the codes as ``(s, (2^(b-1) - z) s)``
 pairs in the activation dtype (``scale_pairs``), so a weight is
 ``(c - 2^(b-1)) s + (2^(b-1) - z) s``: one fused multiply-add per pair of
 weights on codes centred around zero.
@@ -49,7 +61,7 @@ from moeconv_numpy.schemes import FP4_CODE, NF4_CODE, scheme_info
 from ..dequant import blockwise_absmax, unpack_codes
 
 #: Int code widths with a fragment layout.
-FRAGMENT_BITS = (2, 4, 8)
+FRAGMENT_BITS = (2, 3, 4, 8)
 #: 4-bit table schemes with a fragment layout (their codes index a 16-entry table).
 TABLE_FAMILIES = ("nf4", "fp4")
 #: Columns of one storage tile: a lane's codes of four 16 x 16 blocks.
@@ -57,10 +69,10 @@ TILE_K = 64
 #: Rows of one block.
 TILE_N = 16
 #: Element type and count of a lane's codes for one storage tile, per width.
-LANE_DTYPE = {2: torch.int16, 4: torch.int32, 8: torch.int32}
-LANE_WORDS = {2: 4, 4: 4, 8: 8}
-#: Columns that one lane element spans: a scale group must hold whole elements.
-_ELEMENT_SPAN = {2: 16, 4: 16, 8: 8}
+LANE_DTYPE = {2: torch.int16, 3: torch.int32, 4: torch.int32, 8: torch.int32}
+LANE_WORDS = {2: 4, 3: 3, 4: 4, 8: 8}
+#: Where 3-bit lanes keep word C of a tile: after the 32 lanes' words A and B.
+_WORD_C = 64
 
 
 def enabled(device: torch.device | str) -> bool:
@@ -89,7 +101,7 @@ def fragment_unsupported(scheme: str, shape: tuple[int, int], group_size: int) -
     info = scheme_info(scheme)
     rows, cols = shape
     if not (info.family in TABLE_FAMILIES or (info.family == "int" and info.bits in FRAGMENT_BITS)):
-        return f"{scheme} has no fragment layout (int2/int4/int8, nf4 and fp4 only)"
+        return f"{scheme} has no fragment layout (int2/3/4/8, nf4 and fp4 only)"
     if rows % TILE_N or cols % TILE_K:
         return f"shape {list(shape)} is not whole {TILE_N} x {TILE_K} tiles"
     power_of_two = group_size & (group_size - 1) == 0
@@ -117,7 +129,8 @@ def _join(fields: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     shifts = torch.arange(fields.shape[-1], device=fields.device, dtype=torch.int64) * bits
     value = (fields.to(torch.int64) << shifts).sum(-1)
     width = torch.iinfo(dtype).bits
-    value = torch.where(value >= 1 << (width - 1), value - (1 << width), value)  # two's complement
+    if width < 64:
+        value = torch.where(value >= 1 << (width - 1), value - (1 << width), value)  # two's complement
     return value.to(dtype)
 
 
@@ -142,6 +155,8 @@ def to_fragments(qweight: torch.Tensor, scheme: str, shape: tuple[int, int]) -> 
     bits, table = lane_bits(scheme), scheme_info(scheme).family in TABLE_FAMILIES
     blocks = _block_order(_codes(qweight, scheme, shape).contiguous())
     lead = blocks.shape[:4]
+    if bits == 3:
+        return _three_bit_lanes(_join(blocks.reshape(*lead, 4, 2, 4), 3, torch.int32))
     if bits == 8:  # two words per block: kh outermost, then the byte index rh + 2 kl
         per_word = blocks.permute(0, 1, 2, 3, 4, 6, 5, 7).reshape(*lead, 4, 2, 4)
         return _join(per_word, 8, torch.int32).reshape(*lead, LANE_WORDS[8])
@@ -154,8 +169,10 @@ def from_fragments(lanes: torch.Tensor, scheme: str, shape: tuple[int, int], qwe
     """The inverse of ``to_fragments``: the stored qweight, padding bytes zero as the spec says."""
     n, k = shape
     bits, table = lane_bits(scheme), scheme_info(scheme).family in TABLE_FAMILIES
-    lead = lanes.shape[:4]
-    if bits == 8:
+    lead = lanes.shape[:2] + (8, 4)
+    if bits == 3:
+        blocks = _split(_three_bit_fields(lanes), 3, 4).view(*lead, 4, 2, 2, 2)  # block, kl, kh, rh
+    elif bits == 8:
         per_word = _split(lanes.reshape(*lead, 4, 2), 8, 4)  # block, kh, (kl, rh)
         blocks = per_word.view(*lead, 4, 2, 2, 2).permute(0, 1, 2, 3, 4, 6, 5, 7)
     elif table:
@@ -165,10 +182,32 @@ def from_fragments(lanes: torch.Tensor, scheme: str, shape: tuple[int, int], qwe
     codes = blocks.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k)  # back to mt, rh, r0, kt, block, kh, c, kl
     if table:
         return ((codes[:, 0::2] << 4) | codes[:, 1::2]).reshape(qweight_shape)
-    stream = _join(codes.view(n, k * bits // 8, 8 // bits), bits, torch.int16).to(torch.uint8)
+    stream = _split(_join(codes.view(n, k // 8, 8), bits, torch.int64), 8, bits).view(n, k * bits // 8)
     qweight = torch.zeros(qweight_shape, dtype=torch.uint8, device=lanes.device)
     qweight[:, : stream.shape[1]] = stream
     return qweight
+
+
+def _three_bit_lanes(fields: torch.Tensor) -> torch.Tensor:
+    """12-bit fields [N/16, K/64, 8, 4, 4 (block), 2 (kl)] -> 3-bit lanes [N/16, K/64, 96] (module docstring)."""
+    f = fields.to(torch.int64)
+    words = f[..., :3, 0] | f[..., :3, 1] << 16  # A, B, C: blocks 0-2
+    nibble = torch.arange(3, device=f.device) * 4
+    words |= ((f[..., 3:, 0] >> nibble) & 15) << 12 | ((f[..., 3:, 1] >> nibble) & 15) << 28
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    lead = words.shape[:2]
+    return torch.cat((words[..., :2].reshape(*lead, _WORD_C), words[..., 2].reshape(*lead, 32)), dim=-1)
+
+
+def _three_bit_fields(lanes: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_three_bit_lanes``: int64 fields [N/16, K/64, 8, 4, 4 (block), 2 (kl)]."""
+    lead = lanes.shape[:2]
+    unsigned = lanes.to(torch.int64) & 0xFFFFFFFF
+    words = torch.cat((unsigned[..., :_WORD_C].view(*lead, 8, 4, 2), unsigned[..., _WORD_C:].view(*lead, 8, 4, 1)), -1)
+    low = torch.stack((words & 0xFFF, words >> 16 & 0xFFF), dim=-1)  # [..., 3 (block), 2 (kl)]
+    nibble = torch.arange(3, device=lanes.device)[:, None] * 4
+    spare = torch.stack((words >> 12 & 15, words >> 28 & 15), dim=-1) << nibble
+    return torch.cat((low, spare.sum(-2, keepdim=True)), dim=-2)
 
 
 def _scales(parts, scheme: str, shape: tuple[int, int], group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,10 +268,14 @@ def kernel_weights(parts, scheme: str, shape: tuple[int, int], group_size: int, 
     return weights.to(dtype).float() if rounded else weights
 
 
-def lane_shape(scheme: str, shape: tuple[int, int]) -> tuple[int, int, int, int, int]:
-    """Shape of a weight's lanes: [N / 16, K / 64, 8 (r0), 4 (c), LANE_WORDS[bits]]."""
+def lane_shape(scheme: str, shape: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of a weight's lanes: [N / 16, K / 64, 8 (r0), 4 (c), LANE_WORDS[bits]], or [N / 16, K / 64, 96]
+    for 3 bits (whose words A, B and C lie apart)."""
     n, k = shape
-    return n // TILE_N, k // TILE_K, 8, 4, LANE_WORDS[lane_bits(scheme)]
+    bits = lane_bits(scheme)
+    if bits == 3:
+        return n // TILE_N, k // TILE_K, 32 * LANE_WORDS[3]
+    return n // TILE_N, k // TILE_K, 8, 4, LANE_WORDS[bits]
 
 
 def lane_elements(scheme: str, shape: tuple[int, int]) -> int:
