@@ -5,7 +5,7 @@ router weights and an atomic add into the float32 output), on pairs sorted by
 expert and padded to blocks of ``block_m`` (``moe.align_pairs``), for every
 number of tokens.  The products are turned around: a weight tile is the
 tensor cores' A operand (its rows are M) and the block's tokens are N, so a
-decode step (one token per expert, padded to the smallest N of 16) wastes
+decode step (one token per expert, padded to mma.sync's smallest N of 8) wastes
 tensor-core work, which is free, instead of weight bandwidth.  Weights come
 from ``fragment_tiles``: dequantized in the registers where the product reads
 them, nothing through shared memory.  Decode multiplies the raw codes and

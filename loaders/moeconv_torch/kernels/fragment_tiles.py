@@ -293,7 +293,7 @@ def _three_bit_words(lane_ptr, mt, kt, row_tiles, ok, MT: tl.constexpr):
     the choice between the four folds away (a thread's block is known per
     register).
     """
-    tile = (mt[:, None, None, None] * row_tiles + kt) * 96
+    tile = (mt[:, None, None, None] * row_tiles + kt) * 96  # 3 words a lane, word C at 64 (fragments._WORD_C)
     lane = tl.arange(0, 8)[None, :, None, None] * 4 + tl.arange(0, 4)[None, None, None, :]  # [1, 8, 1, 4]
     ab = tl.load(lane_ptr + (tile + lane * 2)[:, :, :, :, None] + tl.arange(0, 2)[None, None, None, None, :],
                  mask=ok[:, :, :, :, None], other=0)
