@@ -42,14 +42,18 @@ def _kernels() -> ModuleType | None:
     return kernels
 
 
+#: device -> the kernels package or None, decided once per device (a decode step asks once per layer)
+_KERNELS_ON: dict[torch.device, ModuleType | None] = {}
+
+
 def kernels_for(device: torch.device) -> ModuleType | None:
     """The kernels package if it runs on ``device`` (CUDA only), else ``None``."""
     if device.type != "cuda":
         return None
-    kernels = _kernels()
-    if kernels is None or not kernels.available(device):
-        return None
-    return kernels
+    if device not in _KERNELS_ON:
+        kernels = _kernels()
+        _KERNELS_ON[device] = kernels if kernels is not None and kernels.available(device) else None
+    return _KERNELS_ON[device]
 
 
 def _kernel_store(kernels: ModuleType, experts):

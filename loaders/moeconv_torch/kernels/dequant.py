@@ -31,6 +31,7 @@ import triton.language as tl
 from moeconv_numpy.schemes import scheme_info
 
 from . import specs
+from .launch import cdiv, launch
 from .tiles import group_scale, lookup, round_to
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -214,8 +215,8 @@ def dequantize(parts: Mapping[str, torch.Tensor], scheme: str, shape, group_size
     out = torch.empty(rows, cols, dtype=out_dtype, device=parts["qweight"].device)
     block = max(tiling.tile_elems, unit)
     tab = tables(out.device)
-    _dequant_kernel[(triton.cdiv(n_codes, block),)](
-        *_role_pointers(parts, family, tab), tab, out, n_codes, cols, row_codes,
+    launch(
+        _dequant_kernel, (cdiv(n_codes, block),), *_role_pointers(parts, family, tab), tab, out, n_codes, cols, row_codes,
         SPEC=specs.spec_code(scheme, group_size, double_quant), UNIT=unit, UNIT_BYTES=unit_bytes, BLOCK=block,
         PADDED=row_codes != cols, TO_BF16=out_dtype == torch.bfloat16, INTERPRET=INTERPRET,
         num_warps=tiling.num_warps, enable_fp_fusion=False,

@@ -33,6 +33,7 @@ from .dequant import tables
 from .experts import PackedExperts
 from .fragment_tiles import FRAGMENT_ASM_MARK, fragment_codes, fragment_tile, row_scales, tile_scales
 from .fragments import TILE_K
+from .launch import cdiv, launch
 from .specs import FAM_INT
 from .tiles import mma, round_to
 
@@ -103,9 +104,9 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     per_expert = num_pairs / experts.num_experts
     if per_expert > 32:
         return FragmentConfig(128, 64, 64, 1, 4, 3)
-    blocks = min(num_pairs, triton.cdiv(num_pairs, 8) + experts.num_experts)
-    down_programs = blocks * triton.cdiv(experts.hidden, 64)
-    split = max(1, min(triton.cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
+    blocks = min(num_pairs, cdiv(num_pairs, 8) + experts.num_experts)
+    down_programs = blocks * cdiv(experts.hidden, 64)
+    split = max(1, min(cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
     if per_expert <= 1:
         return FragmentConfig(8, 64, 64, split, 4, 3, up_split_k=2, k_step=1, warp_mma=True,
                               scale_after_product=True)
@@ -518,8 +519,8 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     pairs, hid, inter, e = flat_ids.numel(), experts.hidden, experts.intermediate, experts.num_experts
     slots = n_blocks * cfg.block_m
     up_tiles, down_tiles = hid // TILE_K, inter // TILE_K
-    up_chunk = triton.cdiv(up_tiles, max(1, min(cfg.up_split_k, up_tiles)))
-    parts = triton.cdiv(up_tiles, up_chunk)
+    up_chunk = cdiv(up_tiles, max(1, min(cfg.up_split_k, up_tiles)))
+    parts = cdiv(up_tiles, up_chunk)
     separate = cfg.split_gate_up and all(gate == up for gate, up in experts.fragment_up_variants)
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     g = u = h
@@ -531,7 +532,7 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
         xsum = torch.empty(x.shape[0], up_tiles, dtype=torch.float32, device=x.device)
         hsum = torch.empty(slots, down_tiles, dtype=torch.float32, device=x.device)
         if any(_needs_sums(code) for pair in experts.fragment_up_variants for code in pair):
-            _tile_sums_kernel[(x.shape[0], triton.cdiv(up_tiles, 16))](x, x.stride(0), xsum, hid, TILES=16)
+            launch(_tile_sums_kernel, (x.shape[0], cdiv(up_tiles, 16)), x, x.stride(0), xsum, hid, TILES=16)
     store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype), tables(x.device))
     act_bf16 = x.dtype == torch.bfloat16
     common = dict(TOPK=topk, BM=cfg.block_m, POST=post, ACT_BF16=act_bf16, INTERPRET=interpret,
@@ -546,33 +547,30 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
             chunk = experts.fragment_up_variants[base:base + per_launch]
             padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
             specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
-            n_blocks_up = triton.cdiv(inter, cfg.up_block_n)
+            n_blocks_up = cdiv(inter, cfg.up_block_n)
             if separate:
                 grid = (n_blocks, 2 * n_blocks_up, parts)
-                compiled = _fragment_projection_kernel[grid](
-                    x, x.stride(0), xsum, ids, blk, variant, *store, g, u, pairs, hid, inter, e, base, up_chunk,
-                    slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, WARP_MMA=cfg.warp_mma,
-                    **{f"S{i}": pair[0] for i, pair in enumerate(padded)}, **common)
+                compiled = launch(
+                    _fragment_projection_kernel, grid, x, x.stride(0), xsum, ids, blk, variant, *store, g, u, pairs,
+                    hid, inter, e, base, up_chunk, slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n,
+                    WARP_MMA=cfg.warp_mma, **{f"S{i}": pair[0] for i, pair in enumerate(padded)}, **common)
             else:
-                compiled = _fragment_up_kernel[(n_blocks, n_blocks_up, parts)](
-                    x, x.stride(0), xsum, ids, blk, variant, *store, h, hsum, g, u, pairs, hid, inter, e, base,
-                    up_chunk, slots * inter, NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw,
-                    **common)
+                compiled = launch(
+                    _fragment_up_kernel, (n_blocks, n_blocks_up, parts), x, x.stride(0), xsum, ids, blk, variant,
+                    *store, h, hsum, g, u, pairs, hid, inter, e, base, up_chunk, slots * inter, NUM_V=len(chunk),
+                    BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
             _check_operand_layout(compiled)
         if parts > 1 or separate:
-            _gated_kernel[(slots, triton.cdiv(inter, 1024))](g, u, ids, h, hsum, pairs, inter, slots * inter,
-                                                              PARTS=parts, BLOCK=1024, SUMS=post, ACT_BF16=act_bf16,
-                                                              INTERPRET=interpret)
-        down_chunk = triton.cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))
+            launch(_gated_kernel, (slots, cdiv(inter, 1024)), g, u, ids, h, hsum, pairs, inter, slots * inter,
+                   PARTS=parts, BLOCK=1024, SUMS=post, ACT_BF16=act_bf16, INTERPRET=interpret)
+        down_chunk = cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))
         for base in range(0, len(experts.fragment_down_variants), per_launch):
             chunk = experts.fragment_down_variants[base:base + per_launch]
             padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
-            grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(down_tiles, down_chunk))
-            _check_operand_layout(_fragment_down_kernel[grid](h, hsum, ids, blk, variant, *store, weights, out, pairs,
-                                                              hid, inter, e, base, down_chunk,
-                                                              NUM_V=len(chunk), BN=cfg.down_block_n, **step,
-                                                              **{f"D{i}": code for i, code in enumerate(padded)},
-                                                              **common))
+            grid = (n_blocks, cdiv(hid, cfg.down_block_n), cdiv(down_tiles, down_chunk))
+            _check_operand_layout(launch(_fragment_down_kernel, grid, h, hsum, ids, blk, variant, *store, weights, out,
+                                         pairs, hid, inter, e, base, down_chunk, NUM_V=len(chunk), BN=cfg.down_block_n,
+                                         **step, **{f"D{i}": code for i, code in enumerate(padded)}, **common))
 
 
 def _needs_sums(code: int) -> bool:

@@ -44,6 +44,7 @@ import triton.language as tl
 from .dequant import tables
 from .experts import PackedExperts
 from .fragment_moe import FragmentConfig, choose_fragment_config, run_fragments
+from .launch import cdiv, launch, next_power_of_2
 from .tiles import dequant_tile, gemv_bounds, gemv_tile, gemv_width, mma, one_bits, round_to
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -80,7 +81,7 @@ def choose_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> MoeCo
     """
     e, hidden, inter = experts.num_experts, experts.hidden, experts.intermediate
     if num_pairs <= 8:
-        split = _split_for(num_pairs * triton.cdiv(hidden, 64), inter, 64 * 4, num_sms)
+        split = _split_for(num_pairs * cdiv(hidden, 64), inter, 64 * 4, num_sms)
         return MoeConfig("gemv", 1, 32, 64, 64, split, 4, 3, unroll=4)
     per_expert = num_pairs / e
     if per_expert <= 16:
@@ -89,15 +90,15 @@ def choose_config(num_pairs: int, experts: PackedExperts, num_sms: int) -> MoeCo
         bm, bn = 64, 64
     else:
         bm, bn = 128, 64
-    blocks = min(num_pairs, triton.cdiv(num_pairs, bm) + e)
-    split = _split_for(blocks * triton.cdiv(hidden, bn), inter, 64, num_sms)
+    blocks = min(num_pairs, cdiv(num_pairs, bm) + e)
+    split = _split_for(blocks * cdiv(hidden, bn), inter, 64, num_sms)
     return MoeConfig("dot", bm, bn, bn, 64, split, 4, 3)
 
 
 def _split_for(programs: int, k: int, step: int, num_sms: int) -> int:
     """K splits that bring the down projection to about four programs per multiprocessor (>= 4 steps each)."""
-    want = triton.cdiv(4 * num_sms, max(programs, 1))
-    return max(1, min(want, triton.cdiv(k, 4 * step)))
+    want = cdiv(4 * num_sms, max(programs, 1))
+    return max(1, min(want, cdiv(k, 4 * step)))
 
 
 def k_step(cfg: MoeConfig) -> int:
@@ -322,13 +323,13 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     """
     flat = topk_ids.reshape(-1)
     a = flat.numel()
-    bound = min(a, triton.cdiv(a, block_m) + num_experts)
+    bound = min(a, cdiv(a, block_m) + num_experts)
     if a <= _ALIGN_KERNEL_MAX:
-        nb = triton.next_power_of_2(bound)
+        nb = next_power_of_2(bound)
         ids = torch.empty(nb * block_m, dtype=torch.int32, device=flat.device)
         blk = torch.empty(nb, dtype=torch.int32, device=flat.device)
-        _align_kernel[(1,)](flat, ids, blk, a, num_experts, BM=block_m, BA=triton.next_power_of_2(a), NB=nb,
-                            num_warps=8)
+        launch(_align_kernel, (1,), flat, ids, blk, a, num_experts, BM=block_m, BA=next_power_of_2(a), NB=nb,
+               num_warps=8)
         return ids, blk, bound
     flat = flat.long()
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
@@ -410,20 +411,19 @@ def _run(hidden: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, to
         chunk = experts.up_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
         specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
-        grid = (n_blocks, triton.cdiv(inter, cfg.up_block_n))
-        _moe_up_kernel[grid](x, x.stride(0), ids, blk, experts.variant, *store, h, pairs, hid, inter, e, base,
-                             NUM_V=len(chunk), BN=cfg.up_block_n,
-                             BOUNDS=gemv_bounds(inter, cfg.up_block_n, hid, cfg.block_k, cfg.unroll),
-                             **specs_kw, **common)
-    k_chunk = triton.cdiv(triton.cdiv(inter, cfg.split_k), k_step(cfg)) * k_step(cfg)
+        grid = (n_blocks, cdiv(inter, cfg.up_block_n))
+        launch(_moe_up_kernel, grid, x, x.stride(0), ids, blk, experts.variant, *store, h, pairs, hid, inter, e,
+               base, NUM_V=len(chunk), BN=cfg.up_block_n,
+               BOUNDS=gemv_bounds(inter, cfg.up_block_n, hid, cfg.block_k, cfg.unroll), **specs_kw, **common)
+    k_chunk = cdiv(cdiv(inter, cfg.split_k), k_step(cfg)) * k_step(cfg)
     for base in range(0, len(experts.down_variants), per_launch):
         chunk = experts.down_variants[base:base + per_launch]
         padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
-        grid = (n_blocks, triton.cdiv(hid, cfg.down_block_n), triton.cdiv(inter, k_chunk))
-        _moe_down_kernel[grid](h, ids, blk, experts.variant, *store, weights, out, pairs, hid, inter, e, base,
-                               k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n,
-                               BOUNDS=gemv_bounds(hid, cfg.down_block_n, inter, cfg.block_k, cfg.unroll),
-                               **{f"D{i}": code for i, code in enumerate(padded)}, **common)
+        grid = (n_blocks, cdiv(hid, cfg.down_block_n), cdiv(inter, k_chunk))
+        launch(_moe_down_kernel, grid, h, ids, blk, experts.variant, *store, weights, out, pairs, hid, inter, e,
+               base, k_chunk, NUM_V=len(chunk), BN=cfg.down_block_n,
+               BOUNDS=gemv_bounds(hid, cfg.down_block_n, inter, cfg.block_k, cfg.unroll),
+               **{f"D{i}": code for i, code in enumerate(padded)}, **common)
 
 
 def _check_inputs(hidden, topk_ids, topk_weights, experts: PackedExperts) -> None:
