@@ -182,8 +182,9 @@ class PackedExperts:
         buffers (``weight(proj, e)`` gives the parts back).  Experts whose
         projections all have a fragment layout get one where
         ``fragments_allowed`` says so (default: ``fragments.enabled`` for the
-        weights' device; false: every expert runs in the original kernels).  Raises ``ValueError`` naming the projection and
-        expert of a weight that does not fit.
+        weights' device; false: every expert runs in the original kernels).
+        Raises ``ValueError`` naming the projection and expert of a weight
+        that does not fit.
         """
         if not (len(gate) == len(up) == len(down) >= 1):
             raise ValueError(f"gate, up and down need one weight per expert, got {len(gate)}, {len(up)}, {len(down)}")
