@@ -45,6 +45,12 @@ by the fragment kernels (``fragment_moe``): tensor-core products at every
 batch size with weights dequantized in the registers that feed them.  The
 other experts of the layer run in the original kernels (``moe``), in the
 same call.  ``MOECONV_FRAGMENTS=0`` keeps every expert in the original ones.
+
+Every launch goes through ``launch.launch``, which relaunches a compiled
+kernel without Triton's per-call dispatch (a decode step is short enough on
+the GPU for that dispatch to be what eager decoding waits for).  The whole
+``fused_moe`` call has no host synchronisation, so it can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
