@@ -48,9 +48,10 @@ same call.  ``MOECONV_FRAGMENTS=0`` keeps every expert in the original ones.
 
 Every launch goes through ``launch.launch``, which relaunches a compiled
 kernel without Triton's per-call dispatch (a decode step is short enough on
-the GPU for that dispatch to be what eager decoding waits for).  The whole
-``fused_moe`` call has no host synchronisation, so it can be captured in a
-CUDA graph.
+the GPU for that dispatch to be what eager decoding waits for).  Once a
+layer has run in a dtype (the first call builds its scale pairs), ``fused_moe``
+does not synchronise with the host, so decode steps can be captured in CUDA
+graphs (``benchmarks/decode_e2e.py`` does).
 """
 
 from __future__ import annotations
