@@ -6,7 +6,8 @@ every argument, builds a cache key from them and the constexprs, and checks
 the kernel's globals on each call.  On the H200 machine's host one nf4 layer
 call at one token took 334 us of host time through it, for about 125 us of
 GPU work, so eager decoding was bound by the host; through this module it
-took 206 us (``benchmarks/launch_overhead.py`` compares the two paths).
+took 206 us (both timed with a one-off script; ``benchmarks/launch_overhead.py``
+compares the two paths).
 
 ``launch(kernel, grid, *args, **kwargs)`` keys a launch on what Triton
 specialises a compiled kernel on, taken conservatively: each tensor
