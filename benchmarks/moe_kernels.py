@@ -323,15 +323,16 @@ PREFILL_SWEEP = [kmoe.MoeConfig("dot", bm, bn, bn, 64, 1, w, s)
                  for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                                       (256, 128, 8, 3), (128, 256, 8, 3)]]
 FRAGMENT_SWEEP = {
-    # The previous default (16-token blocks), then 8-token blocks (mma.sync's narrowest N) around today's.
-    1: [kfrag.FragmentConfig(bm, 64, 64, split, 4, st, k_step=k, warp_mma=True, up_split_k=up,
-                             scale_after_product=True)
-        for bm, split, st, k, up in [(16, 13, 3, 1, 2), (8, 13, 3, 1, 1), (8, 13, 3, 1, 2), (8, 13, 4, 1, 2),
-                                     (8, 13, 3, 2, 1), (8, 13, 3, 2, 2), (8, 26, 3, 1, 2), (8, 13, 3, 1, 4)]],
-    16: [kfrag.FragmentConfig(bm, 64, 64, 3, 4, st, k_step=k, warp_mma=True, scale_after_product=True,
-                              max_registers=regs, up_split_k=up)
-         for bm, st, k, regs, up in [(16, 4, 2, 128, 1), (16, 4, 1, None, 1), (8, 4, 2, 128, 1), (8, 4, 1, None, 1),
-                                     (8, 3, 2, None, 1), (8, 3, 1, None, 2), (8, 4, 2, None, 1)]],
+    # Around today's default: the previous one (64-row down programs, scales loaded in their own step), each
+    # change alone, 128-row gate/up programs, and other down splits.
+    1: [kfrag.FragmentConfig(8, up, down, split, 4, 3, up_split_k=2, warp_mma=True, scale_after_product=True,
+                             scales_ahead=ahead)
+        for up, down, split, ahead in [(64, 64, 13, False), (64, 64, 13, True), (64, 128, 13, False),
+                                       (64, 128, 13, True), (128, 128, 13, True), (64, 128, 20, True)]],
+    16: [kfrag.FragmentConfig(8, up, down, split, 4, 3, k_step=2, warp_mma=True, scale_after_product=True,
+                              scales_ahead=ahead)
+         for up, down, split, ahead in [(64, 64, 3, False), (64, 64, 3, True), (64, 128, 6, False),
+                                        (64, 128, 6, True), (64, 128, 3, True)]],
     "prefill": [kfrag.FragmentConfig(128, 64, 64, 1, 4, st, k_step=k) for st, k in [(3, 1), (4, 1), (3, 2)]]
                + [kfrag.FragmentConfig(128, 64, 64, 1, 4, 3, split_gate_up=True)],
 }

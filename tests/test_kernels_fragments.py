@@ -23,7 +23,7 @@ from test_kernels_moe import assert_close, make_layer, reference, routing  # noq
 
 from moeconv_torch.dequant import unpack_codes  # noqa: E402
 from moeconv_torch.kernels import PackedExperts, PackedWeight, fragments, moe  # noqa: E402
-from moeconv_torch.kernels.fragment_moe import FragmentConfig, _warp_mma  # noqa: E402
+from moeconv_torch.kernels.fragment_moe import FragmentConfig, _warp_mma, run_fragments  # noqa: E402
 
 H, I = 64, 128
 
@@ -114,14 +114,15 @@ TABLE_SETS = [(("nf4", 64, True),) * 3, (("fp4", 32, False),) * 3, (("nf4", 64, 
 DECODE = FragmentConfig(16, 64, 64, 2, 4, 1)
 SCALED_PRODUCTS = dataclasses.replace(DECODE, scale_after_product=True)
 NARROW = dataclasses.replace(SCALED_PRODUCTS, block_m=8, warp_mma=True)
+AHEAD = dataclasses.replace(NARROW, scales_ahead=True, up_split_k=2, down_block_n=128)
 
 
 @pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config, tokens",
-                         [(DECODE, 3), (SCALED_PRODUCTS, 3), (NARROW, 20),
+                         [(DECODE, 3), (SCALED_PRODUCTS, 3), (NARROW, 20), (AHEAD, 3),
                           (FragmentConfig(64, 128, 64, 1, 4, 2), 40)],
-                         ids=["decode", "scaled-products", "narrow-blocks", "batch"])
+                         ids=["decode", "scaled-products", "narrow-blocks", "scales-ahead", "batch"])
 def test_fragment_experts_match_reference(config, tokens, dtype, sets):
     rng = np.random.default_rng(7)
     experts, dense = make_layer(sets, rng, scaled_after_product=config.scale_after_product)
@@ -168,6 +169,20 @@ def test_fragment_and_other_experts_share_one_layer():
     assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=one_each), want)
 
 
+@pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
+def test_the_fragment_kernels_zero_the_output_they_add_into(sets):
+    """``run_fragments`` zeroes the float32 output itself (with the activations' sums, or alone for table codes,
+    which need none): whatever the buffer held before cannot leak into the layer."""
+    rng = np.random.default_rng(11)
+    experts, dense = make_layer(sets, rng, scaled_after_product=True)
+    x = torch.from_numpy(rng.standard_normal((2, H))).to(torch.bfloat16).to(DEVICE)
+    ids, wts = routing(2, len(sets), 2, rng)
+    out = torch.full((2, H), float("nan"), dtype=torch.float32, device=DEVICE)
+    run_fragments(x, ids.reshape(-1).contiguous(), wts.reshape(-1).contiguous(), 2, experts, AHEAD, out,
+                  moe.align_pairs, moe.INTERPRET)
+    assert_close(out.to(torch.bfloat16), reference(x, ids.cpu(), wts.cpu(), dense))
+
+
 def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
     """I = 192 rows of gate/up in programs of 128 rows (the last half empty, and its tile of h past I), down
     split 3 ways."""
@@ -176,8 +191,8 @@ def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
     x = torch.from_numpy(rng.standard_normal((4, H))).to(torch.bfloat16).to(DEVICE)
     ids, wts = routing(4, 2, 2, rng)
     want = reference(x, ids.cpu(), wts.cpu(), dense)
-    for scaled in (False, True):
-        config = FragmentConfig(16, 128, 64, 3, 4, 1, scale_after_product=scaled)
+    for scaled, ahead in ((False, False), (True, False), (True, True)):
+        config = FragmentConfig(16, 128, 64, 3, 4, 1, scale_after_product=scaled, scales_ahead=ahead)
         assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=config), want)
 
 

@@ -11,7 +11,7 @@ from ``fragment_tiles``: dequantized in the registers where the product reads
 them, nothing through shared memory.  Decode multiplies the raw codes and
 applies each row's scale to the float32 product instead
 (``FragmentConfig.scale_after_product``, ``_product``), which needs the sums
-of each 64 activations: ``_tile_sums_kernel`` makes them for x, and the
+of each 64 activations: ``_prepare_kernel`` makes them for x, and the
 kernels that write h store them beside it.
 
 Mixed precision works as in ``moe``: each launch is compiled for up to
@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .dequant import tables
 from .experts import PackedExperts
-from .fragment_tiles import FRAGMENT_ASM_MARK, fragment_codes, fragment_tile, row_scales, tile_scales
+from .fragment_tiles import (FRAGMENT_ASM_MARK, fragment_codes, fragment_tile, row_scale_values, row_scale_words,
+                             row_scales, tile_scales)
 from .fragments import TILE_K
 from .launch import cdiv, launch
 from .specs import FAM_INT
@@ -54,10 +55,12 @@ class FragmentConfig:
     up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; SiLU then runs in ``_gated_kernel``)
     split_gate_up: bool = False  # gate and up in separate programs (``_fragment_projection_kernel``)
     variants_per_launch: int = MAX_VARIANTS
-    k_step: int = 1  # K tiles per loop step (1, 2 or 4), whose scales are loaded together (``_gate_up``)
+    k_step: int = 1  # K tiles per loop step (1, 2 or 4) whose scales load together (``_gate_up``); 1 if scales_ahead
     warp_mma: bool = False  # products by warps' mma.sync rather than Hopper's wgmma (``_warp_mma``)
     max_registers: int | None = None  # registers per thread the compiler may use (Triton's ``maxnreg``)
     scale_after_product: bool = False  # groups of whole tiles: scales applied to products, not weights (``_product``)
+    scales_ahead: bool = False  # with scale_after_product, groups of whole tiles: row scales and sums loaded a tile
+    # ahead (``_gate_up_ahead``)
 
     def __post_init__(self):
         """Refuse tilings the kernels cannot run correctly, naming the field.
@@ -89,28 +92,30 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
 
     Few tokens: 8-token blocks (mma.sync's narrowest product, which halves
     the tensor-core work and float32 scaling of 16-token blocks and lets the
-    compiler hold gate/up in about 64 registers, seven programs a
-    multiprocessor), 64-row programs, scales applied to the products
-    (``_product``), the down projection split along K to fill the GPU.  One
-    token an expert: one K tile a loop step and gate/up in two K pieces
-    (int4 87 us, nf4 125 us on Mixtral shapes, against 93 and 136 with
-    16-token blocks).  More: two K tiles a step (int4 272 us, nf4 437 at 16
-    tokens, against 338 and 462 with 16-token blocks).  Prefill: 128-token
-    blocks, wgmma, weights scaled before the product.  (256-token blocks on
-    eight warps with gate and up in separate programs timed faster in one
-    sweep, but computed wrong products, so ``FragmentConfig`` refuses eight
-    warps.)
+    compiler hold gate/up in about 70 registers, seven programs a
+    multiprocessor), 64-row gate/up programs and 128-row down programs,
+    scales applied to the products (``_product``) and loaded a tile ahead
+    (``scales_ahead``), the down projection split along K to fill the GPU.
+    One token an expert: gate/up in two K pieces, the down projection in
+    about six programs a multiprocessor (int4 79 us, nf4 121 us on Mixtral
+    shapes, against 86 and 125 with 64-row down programs and scales loaded
+    in their own step).  More: about sixteen (int4 257 us, nf4 429 us at 16
+    tokens, against 275 and 436).  128-row gate/up programs, which spend
+    fewer instructions a weight, timed slower (int4 87 us at one token): six
+    programs fit a multiprocessor.  Prefill: 128-token blocks, wgmma,
+    weights scaled before the product.  (256-token blocks on eight warps
+    with gate and up in separate programs timed faster in one sweep, but
+    computed wrong products, so ``FragmentConfig`` refuses eight warps.)
     """
     per_expert = num_pairs / experts.num_experts
     if per_expert > 32:
         return FragmentConfig(128, 64, 64, 1, 4, 3)
     blocks = min(num_pairs, cdiv(num_pairs, 8) + experts.num_experts)
-    down_programs = blocks * cdiv(experts.hidden, 64)
-    split = max(1, min(cdiv(12 * num_sms, down_programs), experts.intermediate // TILE_K // 8))
-    if per_expert <= 1:
-        return FragmentConfig(8, 64, 64, split, 4, 3, up_split_k=2, k_step=1, warp_mma=True,
-                              scale_after_product=True)
-    return FragmentConfig(8, 64, 64, split, 4, 3, k_step=2, warp_mma=True, scale_after_product=True)
+    per_sm = 6 if per_expert <= 1 else 16
+    split = max(1, min(cdiv(per_sm * num_sms, blocks * cdiv(experts.hidden, 128)),
+                       experts.intermediate // TILE_K // 8))
+    return FragmentConfig(8, 64, 128, split, 4, 3, up_split_k=2 if per_expert <= 1 else 1, warp_mma=True,
+                          scale_after_product=True, scales_ahead=True)
 
 
 @triton.jit
@@ -174,12 +179,23 @@ def _product(lanes, s, z, xt, xs, acc, tab_ptr, mt0, kt, row_blocks, row_tiles, 
 @triton.jit
 def _activations(rows, sum_rows, valid, kt, POST: tl.constexpr):
     """Tile ``kt`` of the block's activations, transposed to [64, BM], and (with ``POST``) their sums [BM]."""
-    xt = tl.trans(tl.load(rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
+    return _tile(rows, valid, kt), _sums(sum_rows, valid, kt, POST)
+
+
+@triton.jit
+def _tile(rows, valid, kt):
+    """Tile ``kt`` of the block's activations, transposed to [64, BM]: the products' B operand."""
+    return tl.trans(tl.load(rows + kt * 64 + tl.arange(0, 64)[None, :], mask=valid[:, None], other=0.0))
+
+
+@triton.jit
+def _sums(sum_rows, valid, kt, POST: tl.constexpr):
+    """The sums [BM] of tile ``kt`` of the block's activations that ``_product`` takes with ``POST``; else 0."""
     if POST:
         xs = tl.load(sum_rows + kt, mask=valid, other=0.0)
     else:
         xs = 0.0
-    return xt, xs
+    return xs
 
 
 @triton.jit
@@ -196,9 +212,67 @@ def _gate_up_tile(x_rows, xs_rows, valid, kt, gs, gz, us, uz, acc_g, acc_u, H, I
 
 
 @triton.jit
+def _raw_product(wl, word, xt, xs, acc, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC: tl.constexpr, BN: tl.constexpr,
+                 ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_product`` scaled after the product, from the row scales' words (``row_scale_words``)."""
+    s, z = row_scale_values(word, SPEC, ACT_BF16)
+    return _product(wl, s, z, xt, xs, acc, tab_ptr, mt0, kt, row_blocks, row_tiles, SPEC, BN, True, ACT_BF16,
+                    INTERPRET)
+
+
+@triton.jit
+def _gate_up_ahead(x_rows, xs_rows, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, GSPEC: tl.constexpr,
+                   USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """``_gate_up`` scaled after the product, each tile's row scales and sums loaded a loop step before it.
+
+    The pipeline copies codes and activations ahead but leaves these small
+    loads in the loop, and a loop step that loads and uses them waits a
+    memory latency for them.  Loaded at the end of the step before, after
+    the last use of the words they replace (so that the compiler need not
+    copy them, which would wait for the load), they have one step's work to
+    arrive in: int4 at one token took 82 us against 86 on an H200 (64-row
+    down programs both).  Asking L2 for tiles further ahead
+    (``prefetch.global.L2``) timed far slower (125 us).
+    """
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    rb = I // 16
+    gw = row_scale_words(gp, mt0, kt_lo, rb, GSPEC, BN)
+    uw = row_scale_words(up, mt0, kt_lo, rb, USPEC, BN)
+    xs = _sums(xs_rows, valid, kt_lo, True)
+    for kt in range(kt_lo, kt_hi):
+        xt = _tile(x_rows, valid, kt)
+        acc_g = _raw_product(gl, gw, xt, xs, acc_g, tab_ptr, mt0, kt, rb, H // 64, GSPEC, BN, ACT_BF16, INTERPRET)
+        acc_u = _raw_product(ul, uw, xt, xs, acc_u, tab_ptr, mt0, kt, rb, H // 64, USPEC, BN, ACT_BF16, INTERPRET)
+        nxt = tl.minimum(kt + 1, kt_hi - 1)
+        gw = row_scale_words(gp, mt0, nxt, rb, GSPEC, BN)
+        uw = row_scale_words(up, mt0, nxt, rb, USPEC, BN)
+        xs = _sums(xs_rows, valid, nxt, True)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _down_ahead(h_rows, hs_rows, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, SPEC: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_down`` with the loads of ``_gate_up_ahead``: each tile's words loaded a loop step before it."""
+    acc = tl.zeros([BN, BM], tl.float32)
+    rb = H // 16
+    w = row_scale_words(dp, mt0, kt_lo, rb, SPEC, BN)
+    hs = _sums(hs_rows, valid, kt_lo, True)
+    for kt in range(kt_lo, kt_hi):
+        acc = _raw_product(dl, w, _tile(h_rows, valid, kt), hs, acc, tab_ptr, mt0, kt, rb, I // 64, SPEC, BN,
+                           ACT_BF16, INTERPRET)
+        nxt = tl.minimum(kt + 1, kt_hi - 1)
+        w = row_scale_words(dp, mt0, nxt, rb, SPEC, BN)
+        hs = _sums(hs_rows, valid, nxt, True)
+    return acc
+
+
+@triton.jit
 def _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0,
              GSPEC: tl.constexpr, USPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr,
-             POST: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+             POST: tl.constexpr, AHEAD: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Gate and up products [BN, BM] (float32) over storage tiles [kt_lo, kt_hi), one variant's weights.
 
     A loop step takes ``STEP`` tiles (1, 2 or 4) and loads all their scales
@@ -217,6 +291,9 @@ def _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, 
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
     xs_rows = xsum_ptr + tok.to(tl.int64) * (H // 64)
     rb = I // 16
+    if AHEAD and POST and GSPEC // 256 % 64 == 0 and USPEC // 256 % 64 == 0:
+        return _gate_up_ahead(x_rows, xs_rows, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, GSPEC, USPEC,
+                              BM, BN, ACT_BF16, INTERPRET)
     whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
     for kt in range(kt_lo, whole, STEP):
         gs0, gz0 = _scales(gp, mt0, kt, rb, GSPEC, BN, POST, ACT_BF16)
@@ -274,7 +351,7 @@ def _down_tile(h_rows, hs_rows, valid, kt, ds, dz, acc, H, I, dl, tab_ptr, mt0, 
 @triton.jit
 def _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0,
           SPEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STEP: tl.constexpr, POST: tl.constexpr,
-          ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+          AHEAD: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     """Down product [BN, BM] (float32) over storage tiles [kt_lo, kt_hi) of the block's rows of ``h``.
 
     ``STEP`` tiles (1, 2 or 4) a loop step, with all their scales loaded first
@@ -284,6 +361,9 @@ def _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
     hs_rows = hsum_ptr + slot.to(tl.int64) * (I // 64)
     rb = H // 16
+    if AHEAD and POST and SPEC // 256 % 64 == 0:
+        return _down_ahead(h_rows, hs_rows, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, SPEC, BM, BN, ACT_BF16,
+                           INTERPRET)
     whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
     for kt in range(kt_lo, whole, STEP):
         s0, z0 = _scales(dp, mt0, kt, rb, SPEC, BN, POST, ACT_BF16)
@@ -310,14 +390,21 @@ def _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0
 
 
 @triton.jit
-def _tile_sums_kernel(x_ptr, stride_x, out_ptr, H, TILES: tl.constexpr):
-    """out[t, j] = the float32 sum of x[t, 64 j : 64 j + 64]: what ``_product`` takes out of raw-code products."""
+def _prepare_kernel(x_ptr, stride_x, sum_ptr, out_ptr, H, SUMS: tl.constexpr, TILES: tl.constexpr):
+    """Zero ``out`` [T, H] (float32, which the down kernels add into) and, with ``SUMS``, write the float32 sums
+    of each 64 entries of x [T, H]: what ``_product`` takes out of raw-code products.
+
+    One launch for both: at one token each costs more in launching than in
+    work.
+    """
     t = tl.program_id(0)
     j = tl.program_id(1) * TILES + tl.arange(0, TILES)
     ok = j < H // 64
-    x = tl.load(x_ptr + t.to(tl.int64) * stride_x + j[:, None] * 64 + tl.arange(0, 64)[None, :], mask=ok[:, None],
-                other=0.0)
-    tl.store(out_ptr + t.to(tl.int64) * (H // 64) + j, tl.sum(x.to(tl.float32), 1), mask=ok)
+    cols = j[:, None] * 64 + tl.arange(0, 64)[None, :]
+    tl.store(out_ptr + t.to(tl.int64) * H + cols, tl.zeros([TILES, 64], tl.float32), mask=ok[:, None])
+    if SUMS:
+        x = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=ok[:, None], other=0.0)
+        tl.store(sum_ptr + t.to(tl.int64) * (H // 64) + j, tl.sum(x.to(tl.float32), 1), mask=ok)
 
 
 @triton.jit
@@ -366,8 +453,8 @@ def _fragment_up_kernel(x_ptr, stride_x, xsum_ptr, ids_ptr, blk_ptr, var_ptr, of
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
                         NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        PARTS: tl.constexpr, STEP: tl.constexpr, POST: tl.constexpr, WARP_MMA: tl.constexpr,
-                        ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+                        PARTS: tl.constexpr, STEP: tl.constexpr, POST: tl.constexpr, AHEAD: tl.constexpr,
+                        WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -380,19 +467,19 @@ def _fragment_up_kernel(x_ptr, stride_x, xsum_ptr, ids_ptr, blk_ptr, var_ptr, of
     acc_u = tl.zeros([BN, BM], tl.float32)
     if v == 0:
         acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
-                                tab_ptr, mt0, G0, U0, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
+                                tab_ptr, mt0, G0, U0, BM, BN, STEP, POST, AHEAD, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
-                                    tab_ptr, mt0, G1, U1, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
+                                    tab_ptr, mt0, G1, U1, BM, BN, STEP, POST, AHEAD, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
-                                    tab_ptr, mt0, G2, U2, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
+                                    tab_ptr, mt0, G2, U2, BM, BN, STEP, POST, AHEAD, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
             acc_g, acc_u = _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up,
-                                    tab_ptr, mt0, G3, U3, BM, BN, STEP, POST, ACT_BF16, INTERPRET)
+                                    tab_ptr, mt0, G3, U3, BM, BN, STEP, POST, AHEAD, ACT_BF16, INTERPRET)
     n = mt0 * 16 + tl.arange(0, BN)
     offs = slot.to(tl.int64)[None, :] * I + n[:, None]
     mask = valid[None, :] & (n < I)[:, None]
@@ -454,8 +541,8 @@ def _fragment_down_kernel(h_ptr, hsum_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, l
                           out_ptr, A, H, I, E, VBASE, k_tiles,
                           D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, D3: tl.constexpr,
                           NUM_V: tl.constexpr, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                          STEP: tl.constexpr, POST: tl.constexpr, WARP_MMA: tl.constexpr, ACT_BF16: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          STEP: tl.constexpr, POST: tl.constexpr, AHEAD: tl.constexpr, WARP_MMA: tl.constexpr,
+                          ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
     e, v, slot, aid, valid, tok = _block(ids_ptr, blk_ptr, var_ptr + E, tl.program_id(0), A, VBASE, NUM_V, TOPK, BM)
     if v < 0:
         return
@@ -466,19 +553,19 @@ def _fragment_down_kernel(h_ptr, hsum_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, l
     acc = tl.zeros([BN, BM], tl.float32)
     if v == 0:
         acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D0, BM, BN, STEP, POST,
-                    ACT_BF16, INTERPRET)
+                    AHEAD, ACT_BF16, INTERPRET)
     if NUM_V > 1:
         if v == 1:
             acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D1, BM, BN, STEP, POST,
-                        ACT_BF16, INTERPRET)
+                        AHEAD, ACT_BF16, INTERPRET)
     if NUM_V > 2:
         if v == 2:
             acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D2, BM, BN, STEP, POST,
-                        ACT_BF16, INTERPRET)
+                        AHEAD, ACT_BF16, INTERPRET)
     if NUM_V > 3:
         if v == 3:
             acc = _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, D3, BM, BN, STEP, POST,
-                        ACT_BF16, INTERPRET)
+                        AHEAD, ACT_BF16, INTERPRET)
     wt = tl.load(wt_ptr + aid, mask=valid, other=0.0).to(tl.float32)
     n = mt0 * 16 + tl.arange(0, BN)
     tl.atomic_add(out_ptr + tok.to(tl.int64)[None, :] * H + n[:, None], acc * wt[None, :],
@@ -510,7 +597,8 @@ def _check_operand_layout(compiled) -> None:
 
 def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, topk: int,
                   experts: PackedExperts, cfg: FragmentConfig, out: torch.Tensor, align, interpret: bool) -> None:
-    """Add the fragment experts' share of the layer to ``out`` (float32 [T, H]).
+    """Write the fragment experts' share of the layer to ``out`` (float32 [T, H], zeroed here; other kernels may
+    add to it afterwards).
 
     ``align`` is ``moe.align_pairs`` (passed in, so the modules do not import
     each other): it sorts the pairs by expert into blocks of ``block_m``.
@@ -531,15 +619,16 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
     if post:  # the sums of each 64 activations of x and of h, for ``_product``
         xsum = torch.empty(x.shape[0], up_tiles, dtype=torch.float32, device=x.device)
         hsum = torch.empty(slots, down_tiles, dtype=torch.float32, device=x.device)
-        if any(_needs_sums(code) for pair in experts.fragment_up_variants for code in pair):
-            launch(_tile_sums_kernel, (x.shape[0], cdiv(up_tiles, 16)), x, x.stride(0), xsum, hid, TILES=16)
+    sums = post and any(_needs_sums(code) for pair in experts.fragment_up_variants for code in pair)
+    launch(_prepare_kernel, (x.shape[0], cdiv(up_tiles, 16)), x, x.stride(0), xsum, out, hid, SUMS=sums, TILES=16)
     store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype), tables(x.device))
     act_bf16 = x.dtype == torch.bfloat16
     common = dict(TOPK=topk, BM=cfg.block_m, POST=post, ACT_BF16=act_bf16, INTERPRET=interpret,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.max_registers is not None and not interpret:
         common["maxnreg"] = cfg.max_registers
-    step = dict(STEP=cfg.k_step, WARP_MMA=cfg.warp_mma)  # WARP_MMA: a compiled kernel per choice
+    # WARP_MMA: a compiled kernel per choice
+    step = dict(STEP=cfg.k_step, AHEAD=cfg.scales_ahead, WARP_MMA=cfg.warp_mma)
     per_launch = max(1, min(cfg.variants_per_launch, MAX_VARIANTS))
     variant = experts.fragment_variant
     with _warp_mma(cfg.warp_mma and not interpret):

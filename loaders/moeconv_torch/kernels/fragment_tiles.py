@@ -268,13 +268,27 @@ def row_scales(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr
     For products of raw codes (``fragment_codes(RAW=True)``) scaled after
     the product: a row's share of a tile is ``s * (raw codes . x) + (offset -
     raw_bias s) * sum(x)``, in float32, so neither the scale nor the magic
-    number costs an instruction per weight.  Each row's pair is one 32-bit
-    load.
+    number costs an instruction per weight.
+    """
+    return row_scale_values(row_scale_words(sz_ptr, mt0, kt, row_blocks, SPEC, BN), SPEC, ACT_BF16)
+
+
+@triton.jit
+def row_scale_words(sz_ptr, mt0, kt, row_blocks, SPEC: tl.constexpr, BN: tl.constexpr):
+    """Each row's stored ``(s, offset)`` pair for tile ``kt`` as one int32 [BN] (one 32-bit load a row).
+
+    Apart from ``row_scale_values`` so that a loop can load a later tile's
+    words and convert them only where it uses them (``fragment_moe._gate_up_ahead``).
     """
     GS: tl.constexpr = SPEC // 256
     rows = mt0 * 16 + tl.arange(0, BN)
     pairs = sz_ptr.to(tl.pointer_type(tl.int32)) + kt // (GS // 64) * (row_blocks * 16) + rows
-    word = tl.load(pairs, mask=rows < row_blocks * 16, other=0)
+    return tl.load(pairs, mask=rows < row_blocks * 16, other=0)
+
+
+@triton.jit
+def row_scale_values(word, SPEC: tl.constexpr, ACT_BF16: tl.constexpr):
+    """``row_scales`` of the words ``row_scale_words`` loaded."""
     if ACT_BF16:  # a bfloat16 is the high half of a float32
         s = (word << 16).to(tl.float32, bitcast=True)
         offset = (word & -65536).to(tl.float32, bitcast=True)

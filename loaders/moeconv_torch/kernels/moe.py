@@ -372,11 +372,13 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         return hidden.new_empty(0, hid)
     flat_ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
-    out = torch.zeros(t, hid, dtype=torch.float32, device=hidden.device)
-    if experts.fragment_up_variants:
+    if experts.fragment_up_variants:  # run_fragments zeroes ``out`` in a launch it makes anyway
+        out = torch.empty(t, hid, dtype=torch.float32, device=hidden.device)
         fcfg = fragment_config or choose_fragment_config(pairs, experts, _num_sms(hidden.device))
         x = hidden if hidden.stride(1) == 1 else hidden.contiguous()
         run_fragments(x, flat_ids, weights, topk, experts, fcfg, out, align_pairs, INTERPRET)
+    else:
+        out = torch.zeros(t, hid, dtype=torch.float32, device=hidden.device)
     if experts.up_variants:
         cfg = config or choose_config(pairs, experts, _num_sms(hidden.device))
         _run(hidden, flat_ids, weights, topk, experts, cfg, out)
