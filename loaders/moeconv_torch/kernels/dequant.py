@@ -215,9 +215,9 @@ def dequantize(parts: Mapping[str, torch.Tensor], scheme: str, shape, group_size
     out = torch.empty(rows, cols, dtype=out_dtype, device=parts["qweight"].device)
     block = max(tiling.tile_elems, unit)
     tab = tables(out.device)
+    pointers = _role_pointers(parts, family, tab)
     launch(
-        _dequant_kernel, (cdiv(n_codes, block),), *_role_pointers(parts, family, tab), tab, out, n_codes, cols,
-        row_codes,
+        _dequant_kernel, (cdiv(n_codes, block),), *pointers, tab, out, n_codes, cols, row_codes,
         SPEC=specs.spec_code(scheme, group_size, double_quant), UNIT=unit, UNIT_BYTES=unit_bytes, BLOCK=block,
         PADDED=row_codes != cols, TO_BF16=out_dtype == torch.bfloat16, INTERPRET=INTERPRET,
         num_warps=tiling.num_warps, enable_fp_fusion=False,

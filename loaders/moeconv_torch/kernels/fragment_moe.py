@@ -284,16 +284,17 @@ def _gate_up(x_ptr, stride_x, xsum_ptr, tok, valid, H, I, kt_lo, kt_hi, gl, gp, 
     done.  (Loading per-weight scales a step ahead, or as 32-bit pairs that
     the pipeline takes, made Triton give them layouts that copy every scale
     into every thread.)  The tiles past the last whole step go one at a
-    time.
+    time.  With ``AHEAD``, row scales (``POST``, groups of whole tiles) go
+    through ``_gate_up_ahead`` instead, one tile a step.
     """
-    acc_g = tl.zeros([BN, BM], tl.float32)
-    acc_u = tl.zeros([BN, BM], tl.float32)
     x_rows = x_ptr + tok.to(tl.int64)[:, None] * stride_x
     xs_rows = xsum_ptr + tok.to(tl.int64) * (H // 64)
-    rb = I // 16
     if AHEAD and POST and GSPEC // 256 % 64 == 0 and USPEC // 256 % 64 == 0:
         return _gate_up_ahead(x_rows, xs_rows, valid, H, I, kt_lo, kt_hi, gl, gp, ul, up, tab_ptr, mt0, GSPEC, USPEC,
                               BM, BN, ACT_BF16, INTERPRET)
+    acc_g = tl.zeros([BN, BM], tl.float32)
+    acc_u = tl.zeros([BN, BM], tl.float32)
+    rb = I // 16
     whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
     for kt in range(kt_lo, whole, STEP):
         gs0, gz0 = _scales(gp, mt0, kt, rb, GSPEC, BN, POST, ACT_BF16)
@@ -356,14 +357,15 @@ def _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0
 
     ``STEP`` tiles (1, 2 or 4) a loop step, with all their scales loaded first
     (see ``_gate_up``); the tiles past the last whole step go one at a time.
+    With ``AHEAD``, row scales go through ``_down_ahead`` instead.
     """
-    acc = tl.zeros([BN, BM], tl.float32)
     h_rows = h_ptr + slot.to(tl.int64)[:, None] * I
     hs_rows = hsum_ptr + slot.to(tl.int64) * (I // 64)
-    rb = H // 16
     if AHEAD and POST and SPEC // 256 % 64 == 0:
         return _down_ahead(h_rows, hs_rows, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0, SPEC, BM, BN, ACT_BF16,
                            INTERPRET)
+    acc = tl.zeros([BN, BM], tl.float32)
+    rb = H // 16
     whole = kt_lo + (kt_hi - kt_lo) // STEP * STEP
     for kt in range(kt_lo, whole, STEP):
         s0, z0 = _scales(dp, mt0, kt, rb, SPEC, BN, POST, ACT_BF16)
