@@ -23,6 +23,7 @@ from test_kernels_moe import assert_close, make_layer, reference, routing  # noq
 
 from moeconv_torch.dequant import unpack_codes  # noqa: E402
 from moeconv_torch.kernels import PackedExperts, PackedWeight, fragments, moe  # noqa: E402
+from moeconv_torch.kernels import align, fragment_moe  # noqa: E402
 from moeconv_torch.kernels.fragment_moe import FragmentConfig, _warp_mma, run_fragments  # noqa: E402
 
 H, I = 64, 128
@@ -169,18 +170,41 @@ def test_fragment_and_other_experts_share_one_layer():
     assert_close(moe.fused_moe(x, ids, wts, experts, fragment_config=one_each), want)
 
 
+@pytest.mark.parametrize("sort_in_prepare", [True, False], ids=["sort-in-prepare", "torch-sort"])
 @pytest.mark.parametrize("sets", [FRAGMENT_SETS, TABLE_SETS], ids=["int", "table"])
-def test_the_fragment_kernels_zero_the_output_they_add_into(sets):
+def test_the_fragment_kernels_zero_the_output_they_add_into(sets, sort_in_prepare, monkeypatch):
     """``run_fragments`` zeroes the float32 output itself (with the activations' sums, or alone for table codes,
-    which need none): whatever the buffer held before cannot leak into the layer."""
+    which need none): whatever the buffer held before cannot leak into the layer.  Pairs sorted in
+    ``_prepare_kernel`` or, past ``ALIGN_KERNEL_MAX``, by torch first."""
+    if not sort_in_prepare:
+        monkeypatch.setattr(fragment_moe, "ALIGN_KERNEL_MAX", 0)
     rng = np.random.default_rng(11)
     experts, dense = make_layer(sets, rng, scaled_after_product=True)
     x = torch.from_numpy(rng.standard_normal((2, H))).to(torch.bfloat16).to(DEVICE)
     ids, wts = routing(2, len(sets), 2, rng)
     out = torch.full((2, H), float("nan"), dtype=torch.float32, device=DEVICE)
     run_fragments(x, ids.reshape(-1).contiguous(), wts.reshape(-1).contiguous(), 2, experts, AHEAD, out,
-                  moe.align_pairs, moe.INTERPRET)
+                  moe.INTERPRET)
     assert_close(out.to(torch.bfloat16), reference(x, ids.cpu(), wts.cpu(), dense))
+
+
+def test_prepare_kernel_zeroes_sums_and_sorts_in_one_launch():
+    """Whatever the buffers held: ``out`` and the tickets come back zero, the sums are those of each 64
+    activations, and program 0's sort matches ``align.align_pairs``."""
+    rng = np.random.default_rng(5)
+    t, hid, e, bm = 3, 192, 4, 8
+    x = torch.from_numpy(rng.standard_normal((t, hid))).to(torch.bfloat16).to(DEVICE)
+    topk = torch.from_numpy(rng.integers(0, e, t * 2)).to(torch.int32).to(DEVICE)
+    out = torch.full((t, hid), float("nan"), dtype=torch.float32, device=DEVICE)
+    sums = torch.full((t, hid // 64), float("nan"), dtype=torch.float32, device=DEVICE)
+    tickets = torch.full((2100,), 7, dtype=torch.int32, device=DEVICE)  # more than one program's 1024
+    ids, blk, meta = align.kernel_buffers(t * 2, e, bm, DEVICE)
+    fragment_moe.launch(fragment_moe._prepare_kernel, (t, 1), x, x.stride(0), sums, out, tickets, hid,
+                        tickets.numel(), topk, ids, blk, t * 2, e, SUMS=True, TILES=16, SORT=True, **meta)
+    assert not out.any() and not tickets.any()
+    assert_close(sums, x.float().reshape(t, hid // 64, 64).sum(-1).cpu())
+    want_ids, want_blk, n_blocks = align.align_pairs(topk, e, bm)
+    assert torch.equal(ids[:n_blocks * bm], want_ids[:n_blocks * bm]) and torch.equal(blk[:n_blocks], want_blk[:n_blocks])
 
 
 def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
@@ -197,7 +221,8 @@ def test_rows_past_the_last_block_of_a_program_and_several_k_splits():
 
 
 def test_gate_and_up_in_k_pieces_and_in_separate_programs():
-    """Gate/up split along K, or into one program each: float32 pieces that ``_gated_kernel`` joins."""
+    """Gate/up split along K (the last piece to finish joins the float32 partials) or into one program each
+    (``_gated_kernel`` joins them)."""
     rng = np.random.default_rng(4)
     experts, dense = make_layer([FRAGMENT_SETS[0], FRAGMENT_SETS[1], FRAGMENT_SETS[3]], rng, hidden=192, inter=128)
     x = torch.from_numpy(rng.standard_normal((2, 192))).to(torch.bfloat16).to(DEVICE)
@@ -228,6 +253,17 @@ def test_several_k_tiles_a_step_and_the_tiles_left_over(k_step):
 def test_tilings_the_kernels_cannot_run_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=f"FragmentConfig.{field} "):
         dataclasses.replace(DECODE, **{field: value})
+
+
+def test_wgmma_products_of_more_than_8192_outputs_a_program_are_refused():
+    """Measured wrong on an H200 (``FragmentConfig.__post_init__``); the same tiles on mma.sync are allowed."""
+    prefill = FragmentConfig(128, 64, 64, 1, 4, 3)
+    with pytest.raises(ValueError, match="FragmentConfig.down_block_n times block_m"):
+        dataclasses.replace(prefill, down_block_n=128)
+    with pytest.raises(ValueError, match="FragmentConfig.up_block_n times block_m"):
+        dataclasses.replace(prefill, up_block_n=128)
+    assert dataclasses.replace(prefill, down_block_n=128, warp_mma=True).down_block_n == 128
+    assert dataclasses.replace(prefill, block_m=64, up_block_n=128).up_block_n == 128
 
 
 def test_scaled_products_need_gate_up_programs_of_whole_h_tiles():

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from test_kernels_dequant import DEVICE, random_parts, ref_dequantize, to_torch  # noqa: E402
 
 from moeconv_torch.kernels import PackedExperts, PackedWeight, fused_moe  # noqa: E402
-from moeconv_torch.kernels import fragments, moe, tiles  # noqa: E402
+from moeconv_torch.kernels import align, fragments, moe, tiles  # noqa: E402
 
 H, I = 64, 128
 
@@ -170,11 +170,11 @@ def test_default_dispatch_uses_both_paths():
 @pytest.mark.parametrize("kernel", [True, False], ids=["triton", "torch"])
 def test_align_pairs_groups_by_expert(kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(moe, "_ALIGN_KERNEL_MAX", 0)
+        monkeypatch.setattr(align, "ALIGN_KERNEL_MAX", 0)
     rng = np.random.default_rng(4)
     e, bm = 5, 4
     topk = torch.from_numpy(rng.integers(0, e, (9, 2))).to(DEVICE)
-    ids, blk, n_blocks = moe.align_pairs(topk, e, bm)
+    ids, blk, n_blocks = align.align_pairs(topk, e, bm)
     ids, blk, flat = ids.cpu().long(), blk.cpu().long(), topk.reshape(-1).cpu()
     counts = torch.bincount(flat, minlength=e)
     assert n_blocks >= int(((counts + bm - 1) // bm).sum())

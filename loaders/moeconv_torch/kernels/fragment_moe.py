@@ -2,7 +2,7 @@
 
 The same two stages as ``moe`` (gate and up with SiLU, then down with the
 router weights and an atomic add into the float32 output), on pairs sorted by
-expert and padded to blocks of ``block_m`` (``moe.align_pairs``), for every
+expert and padded to blocks of ``block_m`` (``align``), for every
 number of tokens.  The products are turned around: a weight tile is the
 tensor cores' A operand (its rows are M) and the block's tokens are N, so a
 decode step (one token per expert, padded to mma.sync's smallest N of 8) wastes
@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .align import ALIGN_KERNEL_MAX, align_pairs, block_bound, kernel_buffers, sort_pairs
 from .dequant import tables
 from .experts import PackedExperts
 from .fragment_tiles import (FRAGMENT_ASM_MARK, fragment_codes, fragment_tile, row_scale_values, row_scale_words,
@@ -52,7 +53,7 @@ class FragmentConfig:
     split_k: int  # K pieces of the down projection
     num_warps: int
     num_stages: int
-    up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; SiLU then runs in ``_gated_kernel``)
+    up_split_k: int = 1  # K pieces of gate/up (more programs for few tokens; the last piece to finish applies SiLU)
     split_gate_up: bool = False  # gate and up in separate programs (``_fragment_projection_kernel``)
     variants_per_launch: int = MAX_VARIANTS
     k_step: int = 1  # K tiles per loop step (1, 2 or 4) whose scales load together (``_gate_up``); 1 if scales_ahead
@@ -65,9 +66,14 @@ class FragmentConfig:
     def __post_init__(self):
         """Refuse tilings the kernels cannot run correctly, naming the field.
 
-        Eight warps (two warp groups) are refused too: with them, 256-token
-        blocks of 128 rows gave products 29% off on an H200 (correct in the
-        interpreter; the cause is not found).
+        Also refused, though the interpreter computes them right: eight warps
+        (two warp groups), and on wgmma (without ``warp_mma``) products of
+        more than 8,192 outputs a program (over 64 float32 accumulator
+        registers a thread).  On an H200, 128-row down programs of 128-token
+        blocks gave products 23x the reference's norm, and 128-row programs of
+        256-token blocks on eight warps products 29% off, while 128 rows of 64
+        or 16 tokens, 64 rows of 128 tokens, and mma.sync programs of 128 rows
+        are right.  The cause is not found.
         """
         if self.block_m < 8 or self.block_m & (self.block_m - 1):
             raise ValueError(f"FragmentConfig.block_m must be a power of two >= 8, got {self.block_m}")
@@ -77,6 +83,10 @@ class FragmentConfig:
                 raise ValueError(f"FragmentConfig.{name} must be a power of two >= 16, got {rows}")
         if self.num_warps != 4:
             raise ValueError(f"FragmentConfig.num_warps must be 4 (one warp group), got {self.num_warps}")
+        for name in ("up_block_n", "down_block_n"):
+            if not self.warp_mma and getattr(self, name) * self.block_m > 8192:
+                raise ValueError(f"FragmentConfig.{name} times block_m must be <= 8192 on wgmma (warp_mma=False), "
+                                 f"got {getattr(self, name)} x {self.block_m}")
         if self.k_step not in (1, 2, 4):
             raise ValueError(f"FragmentConfig.k_step must be 1, 2 or 4, got {self.k_step}")
         if self.scale_after_product and self.up_block_n % 64:
@@ -392,14 +402,27 @@ def _down(h_ptr, hsum_ptr, slot, valid, H, I, kt_lo, kt_hi, dl, dp, tab_ptr, mt0
 
 
 @triton.jit
-def _prepare_kernel(x_ptr, stride_x, sum_ptr, out_ptr, H, SUMS: tl.constexpr, TILES: tl.constexpr):
-    """Zero ``out`` [T, H] (float32, which the down kernels add into) and, with ``SUMS``, write the float32 sums
-    of each 64 entries of x [T, H]: what ``_product`` takes out of raw-code products.
+def _prepare_kernel(x_ptr, stride_x, sum_ptr, out_ptr, ticket_ptr, H, tickets, topk_ptr, ids_ptr, blk_ptr, A, E,
+                    SUMS: tl.constexpr, TILES: tl.constexpr, SORT: tl.constexpr, BM: tl.constexpr,
+                    BA: tl.constexpr, NB: tl.constexpr):
+    """Everything the layer's products need first, in one launch: zero ``out`` [T, H] (float32, which the down
+    kernels add into) and the ``tickets`` int32 counters (``_finish_pieces``); with ``SUMS``, write the float32
+    sums of each 64 entries of x [T, H], which ``_product`` takes out of raw-code products; with ``SORT``,
+    program 0 also sorts the pairs into blocks (``align.sort_pairs``).
 
-    One launch for both: at one token each costs more in launching than in
-    work.
+    At one token each of these costs more in launching than in work: as
+    separate launches, the sums and zeroing took 1.3 us and the sort 1.4 us
+    of a 78.5 us int4 decode step on an H200.
     """
     t = tl.program_id(0)
+    if SORT:
+        if t + tl.program_id(1) == 0:
+            sort_pairs(topk_ptr, ids_ptr, blk_ptr, A, E, BM, BA, NB)
+    program = t * tl.num_programs(1) + tl.program_id(1)
+    stride = tl.num_programs(0) * tl.num_programs(1) * 1024
+    for start in range(program * 1024, tickets, stride):
+        at = start + tl.arange(0, 1024)
+        tl.store(ticket_ptr + at, tl.zeros([1024], tl.int32), mask=at < tickets)
     j = tl.program_id(1) * TILES + tl.arange(0, TILES)
     ok = j < H // 64
     cols = j[:, None] * 64 + tl.arange(0, 64)[None, :]
@@ -449,8 +472,37 @@ def _gated_kernel(g_ptr, u_ptr, ids_ptr, h_ptr, hsum_ptr, A, I, parts_stride,
 
 
 @triton.jit
+def _finish_pieces(g_ptr, u_ptr, ticket_ptr, h_ptr, hsum_ptr, offs, mask, slot, valid, n0, acc_g, acc_u, I,
+                   parts_stride, PARTS: tl.constexpr, SUMS: tl.constexpr, TILES: tl.constexpr, BM: tl.constexpr,
+                   ACT_BF16: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store this K piece's float32 gate and up products; the last of the ``PARTS`` pieces of a tile to get here
+    sums them all, in piece order, and writes h.
+
+    Each tile has a ticket counter (zeroed by ``_prepare_kernel``): the
+    barrier puts all of a program's stores before its increment, which
+    releases them at GPU scope, and the program that draws the last ticket
+    acquires them and reads the pieces from L2.  This replaces a separate
+    launch that joined the pieces (2.6 us of a 78.5 us int4 decode step on
+    an H200).  The fixed summation order keeps h bitwise reproducible.
+    """
+    piece = tl.program_id(2)
+    tl.store(g_ptr + piece * parts_stride + offs, acc_g, mask=mask)
+    tl.store(u_ptr + piece * parts_stride + offs, acc_u, mask=mask)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), 1, sem="acq_rel")
+    if ticket == PARTS - 1:
+        g = tl.zeros_like(acc_g)
+        u = tl.zeros_like(acc_u)
+        for p in tl.static_range(PARTS):
+            g += tl.load(g_ptr + p * parts_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            u += tl.load(u_ptr + p * parts_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        h = round_to(g / (1.0 + tl.exp(-g)) * u, ACT_BF16, INTERPRET)
+        _store_h(h_ptr, hsum_ptr, offs, mask, slot, valid, n0, h, I, SUMS, TILES, BM)
+
+
+@triton.jit
 def _fragment_up_kernel(x_ptr, stride_x, xsum_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, lane_ptr, pair_ptr, tab_ptr,
-                        h_ptr, hsum_ptr, g_ptr, u_ptr,
+                        h_ptr, hsum_ptr, g_ptr, u_ptr, ticket_ptr,
                         A, H, I, E, VBASE, k_tiles, parts_stride,
                         G0: tl.constexpr, U0: tl.constexpr, G1: tl.constexpr, U1: tl.constexpr,
                         G2: tl.constexpr, U2: tl.constexpr, G3: tl.constexpr, U3: tl.constexpr,
@@ -488,9 +540,9 @@ def _fragment_up_kernel(x_ptr, stride_x, xsum_ptr, ids_ptr, blk_ptr, var_ptr, of
     if PARTS == 1:
         h = round_to(acc_g / (1.0 + tl.exp(-acc_g)) * acc_u, ACT_BF16, INTERPRET)
         _store_h(h_ptr, hsum_ptr, offs, mask, slot, valid, mt0 * 16, h, I, POST, BN // 64, BM)
-    else:  # one K piece of several: ``_gated_kernel`` sums the pieces and applies SiLU
-        tl.store(g_ptr + tl.program_id(2) * parts_stride + offs, acc_g, mask=mask)
-        tl.store(u_ptr + tl.program_id(2) * parts_stride + offs, acc_u, mask=mask)
+    else:
+        _finish_pieces(g_ptr, u_ptr, ticket_ptr, h_ptr, hsum_ptr, offs, mask, slot, valid, mt0 * 16, acc_g, acc_u, I,
+                       parts_stride, PARTS, POST, BN // 64, BM, ACT_BF16, INTERPRET)
 
 
 @triton.jit
@@ -598,15 +650,17 @@ def _check_operand_layout(compiled) -> None:
 
 
 def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor, topk: int,
-                  experts: PackedExperts, cfg: FragmentConfig, out: torch.Tensor, align, interpret: bool) -> None:
+                  experts: PackedExperts, cfg: FragmentConfig, out: torch.Tensor, interpret: bool) -> None:
     """Write the fragment experts' share of the layer to ``out`` (float32 [T, H], zeroed here; other kernels may
-    add to it afterwards).
-
-    ``align`` is ``moe.align_pairs`` (passed in, so the modules do not import
-    each other): it sorts the pairs by expert into blocks of ``block_m``.
-    """
-    ids, blk, n_blocks = align(flat_ids, experts.num_experts, cfg.block_m)
+    add to it afterwards)."""
     pairs, hid, inter, e = flat_ids.numel(), experts.hidden, experts.intermediate, experts.num_experts
+    sort = pairs <= ALIGN_KERNEL_MAX  # in ``_prepare_kernel``; more pairs go through torch's sort first
+    if sort:
+        ids, blk, sort_meta = kernel_buffers(pairs, e, cfg.block_m, x.device)
+        n_blocks = block_bound(pairs, e, cfg.block_m)
+    else:
+        ids, blk, n_blocks = align_pairs(flat_ids, e, cfg.block_m)
+        sort_meta = dict(BM=cfg.block_m, BA=1, NB=1)
     slots = n_blocks * cfg.block_m
     up_tiles, down_tiles = hid // TILE_K, inter // TILE_K
     up_chunk = cdiv(up_tiles, max(1, min(cfg.up_split_k, up_tiles)))
@@ -622,7 +676,11 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
         xsum = torch.empty(x.shape[0], up_tiles, dtype=torch.float32, device=x.device)
         hsum = torch.empty(slots, down_tiles, dtype=torch.float32, device=x.device)
     sums = post and any(_needs_sums(code) for pair in experts.fragment_up_variants for code in pair)
-    launch(_prepare_kernel, (x.shape[0], cdiv(up_tiles, 16)), x, x.stride(0), xsum, out, hid, SUMS=sums, TILES=16)
+    n_blocks_up = cdiv(inter, cfg.up_block_n)
+    tickets = n_blocks * n_blocks_up if parts > 1 and not separate else 0  # one counter per gate/up tile
+    ticket = torch.empty(max(tickets, 1), dtype=torch.int32, device=x.device)
+    launch(_prepare_kernel, (x.shape[0], cdiv(up_tiles, 16)), x, x.stride(0), xsum, out, ticket, hid, tickets,
+           flat_ids, ids, blk, pairs, e, SUMS=sums, TILES=16, SORT=sort, **sort_meta, num_warps=8)
     store = (experts.fragment_offsets, experts.lanes, experts.scale_pairs(x.dtype), tables(x.device))
     act_bf16 = x.dtype == torch.bfloat16
     common = dict(TOPK=topk, BM=cfg.block_m, POST=post, ACT_BF16=act_bf16, INTERPRET=interpret,
@@ -638,7 +696,6 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
             chunk = experts.fragment_up_variants[base:base + per_launch]
             padded = chunk + (chunk[0],) * (MAX_VARIANTS - len(chunk))
             specs_kw = {f"{name}{i}": code for i, pair in enumerate(padded) for name, code in zip("GU", pair)}
-            n_blocks_up = cdiv(inter, cfg.up_block_n)
             if separate:
                 grid = (n_blocks, 2 * n_blocks_up, parts)
                 compiled = launch(
@@ -648,10 +705,10 @@ def run_fragments(x: torch.Tensor, flat_ids: torch.Tensor, weights: torch.Tensor
             else:
                 compiled = launch(
                     _fragment_up_kernel, (n_blocks, n_blocks_up, parts), x, x.stride(0), xsum, ids, blk, variant,
-                    *store, h, hsum, g, u, pairs, hid, inter, e, base, up_chunk, slots * inter, NUM_V=len(chunk),
-                    BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
+                    *store, h, hsum, g, u, ticket, pairs, hid, inter, e, base, up_chunk, slots * inter,
+                    NUM_V=len(chunk), BN=cfg.up_block_n, PARTS=parts, **step, **specs_kw, **common)
             _check_operand_layout(compiled)
-        if parts > 1 or separate:
+        if separate:
             launch(_gated_kernel, (slots, cdiv(inter, 1024)), g, u, ids, h, hsum, pairs, inter, slots * inter,
                    PARTS=parts, BLOCK=1024, SUMS=post, ACT_BF16=act_bf16, INTERPRET=interpret)
         down_chunk = cdiv(down_tiles, max(1, min(cfg.split_k, down_tiles)))

@@ -41,17 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .align import align_pairs
 from .dequant import tables
 from .experts import PackedExperts
 from .fragment_moe import FragmentConfig, choose_fragment_config, run_fragments
-from .launch import cdiv, launch, next_power_of_2
+from .launch import cdiv, launch
 from .tiles import dequant_tile, gemv_bounds, gemv_tile, gemv_width, mma, one_bits, round_to
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Variants compiled into one launch (more take further launches).
 MAX_VARIANTS = 4
-#: Largest number of (token, expert) pairs the one-program routing kernel sorts.
-_ALIGN_KERNEL_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -288,63 +287,6 @@ def _moe_down_kernel(h_ptr, ids_ptr, blk_ptr, var_ptr, off_ptr, u8_ptr, f16_ptr,
                   mask=valid[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _align_kernel(topk_ptr, ids_ptr, blk_ptr, A, E, BM: tl.constexpr, BA: tl.constexpr, NB: tl.constexpr):
-    """One program: pair ids sorted by expert, each expert padded to whole blocks of BM (sentinel A).
-
-    ``blk[b]`` is the expert of block b, -1 past the last block.  Loops over
-    experts with prefix sums, so it costs O(E * A) in a single program: meant
-    for decode and modest batches (see ``_ALIGN_KERNEL_MAX``).
-    """
-    i = tl.arange(0, BA)
-    ok = i < A
-    ex = tl.load(topk_ptr + i, mask=ok, other=-1).to(tl.int32)
-    b = tl.arange(0, NB)
-    pos = tl.zeros([BA], tl.int32)
-    blk = tl.full([NB], -1, tl.int32)
-    start = tl.zeros([], tl.int32)
-    for e in range(E):
-        m = (ex == e).to(tl.int32)
-        pos = tl.where(m != 0, start * BM + tl.cumsum(m, 0) - 1, pos)
-        n_blk = (tl.sum(m, 0) + BM - 1) // BM
-        blk = tl.where((b >= start) & (b < start + n_blk), e, blk)
-        start += n_blk
-    tl.store(ids_ptr + tl.arange(0, NB * BM), A)
-    tl.debug_barrier()
-    tl.store(ids_ptr + pos, i, mask=ok)
-    tl.store(blk_ptr + b, blk)
-
-
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(sorted pair ids [n_blocks*BM] padded with A, expert of each block [n_blocks] or -1, n_blocks).
-
-    ``n_blocks`` is an upper bound known on the host (no synchronisation), so
-    the whole call can be captured in a CUDA graph.
-    """
-    flat = topk_ids.reshape(-1)
-    a = flat.numel()
-    bound = min(a, cdiv(a, block_m) + num_experts)
-    if a <= _ALIGN_KERNEL_MAX:
-        nb = next_power_of_2(bound)
-        ids = torch.empty(nb * block_m, dtype=torch.int32, device=flat.device)
-        blk = torch.empty(nb, dtype=torch.int32, device=flat.device)
-        launch(_align_kernel, (1,), flat, ids, blk, a, num_experts, BM=block_m, BA=next_power_of_2(a), NB=nb,
-               num_warps=8)
-        return ids, blk, bound
-    flat = flat.long()
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-    blocks = (counts + block_m - 1) // block_m
-    ends = torch.cumsum(blocks, 0)
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(a, device=flat.device) - (torch.cumsum(counts, 0) - counts)[sorted_e]
-    ids = torch.full((bound * block_m,), a, dtype=torch.int32, device=flat.device)
-    ids[(ends - blocks)[sorted_e] * block_m + rank] = order.to(torch.int32)
-    blk = torch.searchsorted(ends, torch.arange(bound, device=flat.device), right=True)
-    blk = torch.where(blk < num_experts, blk, -1).to(torch.int32)
-    return ids, blk, bound
-
-
 _NUM_SMS: dict[int, int] = {}
 
 
@@ -376,7 +318,7 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         out = torch.empty(t, hid, dtype=torch.float32, device=hidden.device)
         fcfg = fragment_config or choose_fragment_config(pairs, experts, _num_sms(hidden.device))
         x = hidden if hidden.stride(1) == 1 else hidden.contiguous()
-        run_fragments(x, flat_ids, weights, topk, experts, fcfg, out, align_pairs, INTERPRET)
+        run_fragments(x, flat_ids, weights, topk, experts, fcfg, out, INTERPRET)
     else:
         out = torch.zeros(t, hid, dtype=torch.float32, device=hidden.device)
     if experts.up_variants:
