@@ -16,7 +16,7 @@ Each decode step is one forward of one token, timed two ways: in eager
 PyTorch, and as whole steps captured in one CUDA graph and replayed (no
 Python or launch overhead: what a serving engine runs).  Eager decoding of
 so small a model is bound by the host's Python, so its figures move with the
-host from run to run (BF16 187 to 289 tokens/s across runs on H200
+host from run to run (BF16 187 to 304 tokens/s across runs on H200
 machines); the graph figures measure the GPU.  Tokens/s = steps /
 seconds, median of ``--repeats``.  Each model is measured in its own process,
 so a CUDA error in one leaves the others' figures intact.  The JSON records

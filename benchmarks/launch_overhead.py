@@ -3,7 +3,7 @@
     python benchmarks/launch_overhead.py [--calls 500]
 
 Eager decoding runs one layer call per layer per token, and at one token the
-GPU work is short (about 90-125 us on Mixtral shapes), so the host time of
+GPU work is short (about 75-120 us on Mixtral shapes), so the host time of
 a call decides whether eager decoding keeps the GPU busy.  For a Mixtral-8x7B
 layer (hidden 4096, intermediate 14336, 8 experts, top-2) in nf4 and int4,
 this times ``calls`` back-to-back calls without synchronising (host time) and

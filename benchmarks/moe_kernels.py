@@ -322,13 +322,14 @@ DECODE_SWEEP = {
 PREFILL_SWEEP = [kmoe.MoeConfig("dot", bm, bn, bn, 64, 1, w, s)
                  for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4),
                                       (256, 128, 8, 3), (128, 256, 8, 3)]]
+DECODE_B1 = kfrag.FragmentConfig(8, 64, 128, 13, 4, 3, up_split_k=2, warp_mma=True, scale_after_product=True,
+                                 scales_ahead=True)
 FRAGMENT_SWEEP = {
-    # Around today's default: the previous one (64-row down programs, scales loaded in their own step), each
-    # change alone, 128-row gate/up programs, and other down splits.
-    1: [kfrag.FragmentConfig(8, up, down, split, 4, 3, up_split_k=2, warp_mma=True, scale_after_product=True,
-                             scales_ahead=ahead)
-        for up, down, split, ahead in [(64, 64, 13, False), (64, 64, 13, True), (64, 128, 13, False),
-                                       (64, 128, 13, True), (128, 128, 13, True), (64, 128, 20, True)]],
+    # Around today's default (64-row gate/up programs in two K pieces, 128-row down programs split 13 ways,
+    # scales a tile ahead, three stages): each of these changes alone.
+    1: [dataclasses.replace(DECODE_B1, **change)
+        for change in [{}, dict(num_stages=2), dict(num_stages=4), dict(split_k=8),
+                       dict(split_k=20), dict(up_split_k=1), dict(up_split_k=3), dict(down_block_n=64)]],
     16: [kfrag.FragmentConfig(8, up, down, split, 4, 3, k_step=2, warp_mma=True, scale_after_product=True,
                               scales_ahead=ahead)
          for up, down, split, ahead in [(64, 64, 3, False), (64, 64, 3, True), (64, 128, 6, False),

@@ -107,15 +107,20 @@ def choose_fragment_config(num_pairs: int, experts: PackedExperts, num_sms: int)
     scales applied to the products (``_product``) and loaded a tile ahead
     (``scales_ahead``), the down projection split along K to fill the GPU.
     One token an expert: gate/up in two K pieces, the down projection in
-    about six programs a multiprocessor (int4 79 us, nf4 121 us on Mixtral
-    shapes, against 86 and 125 with 64-row down programs and scales loaded
-    in their own step).  More: about sixteen (int4 257 us, nf4 429 us at 16
-    tokens, against 275 and 436).  128-row gate/up programs, which spend
+    about six programs a multiprocessor (int4 75 us, nf4 118 us on Mixtral
+    shapes; 64-row down programs 77 and 122, one K piece of gate/up 81 and
+    131, three pieces 75 and 120, two or four stages 77-81 and 122-128).
+    More: about sixteen (int4 257 us, nf4 429 us at 16 tokens, against 275
+    and 436).  128-row gate/up programs, which spend
     fewer instructions a weight, timed slower (int4 87 us at one token): six
     programs fit a multiprocessor.  Prefill: 128-token blocks, wgmma,
     weights scaled before the product.  (256-token blocks on eight warps
     with gate and up in separate programs timed faster in one sweep, but
     computed wrong products, so ``FragmentConfig`` refuses eight warps.)
+    Letting the down kernel start while gate/up ends (Hopper's programmatic
+    dependent launch, its blocks and weight offsets read before it waits)
+    timed the same: int4 75.3 us without, 75.4 with at one token, 254 and
+    252 at 16.
     """
     per_expert = num_pairs / experts.num_experts
     if per_expert > 32:

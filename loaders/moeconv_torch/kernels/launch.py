@@ -5,9 +5,9 @@ microseconds of GPU time each.  Triton's launch path binds and specialises
 every argument, builds a cache key from them and the constexprs, and checks
 the kernel's globals on each call.  On the H200 machine's host,
 ``benchmarks/launch_overhead.py`` timed one nf4 layer call at one token at
-256 us of host time through it, for about 120 us of GPU work, so eager
-decoding is bound by the host; through this module, 198 us (int4: 438
-against 404; the host's figures move by tens of percent between runs).
+168 us of host time through it, for about 120 us of GPU work, so eager
+decoding is bound by the host; through this module, 145 us (int4: 174
+against 142; the host's figures move by tens of percent between runs).
 
 ``launch(kernel, grid, *args, **kwargs)`` keys a launch on what Triton
 specialises a compiled kernel on, taken conservatively: each tensor
