@@ -266,6 +266,14 @@ def test_wgmma_products_of_more_than_8192_outputs_a_program_are_refused():
     assert dataclasses.replace(prefill, block_m=64, up_block_n=128).up_block_n == 128
 
 
+def test_wgmma_down_programs_of_128_rows_are_refused_for_blocks_of_64_tokens_or_more():
+    """Within 8,192 outputs but measured wrong on an H200 (``FragmentConfig.__post_init__``)."""
+    with pytest.raises(ValueError, match="FragmentConfig.down_block_n must be <= 64 on wgmma"):
+        FragmentConfig(64, 64, 128, 1, 4, 3)
+    assert FragmentConfig(32, 64, 128, 1, 4, 3).down_block_n == 128
+    assert FragmentConfig(64, 64, 128, 1, 4, 3, warp_mma=True).down_block_n == 128
+
+
 def test_scaled_products_need_gate_up_programs_of_whole_h_tiles():
     assert dataclasses.replace(DECODE, up_block_n=32).up_block_n == 32
     with pytest.raises(ValueError, match="FragmentConfig.up_block_n .*scale_after_product"):

@@ -67,13 +67,20 @@ class FragmentConfig:
         """Refuse tilings the kernels cannot run correctly, naming the field.
 
         Also refused, though the interpreter computes them right: eight warps
-        (two warp groups), and on wgmma (without ``warp_mma``) products of
-        more than 8,192 outputs a program (over 64 float32 accumulator
-        registers a thread).  On an H200, 128-row down programs of 128-token
-        blocks gave products 23x the reference's norm, and 128-row programs of
-        256-token blocks on eight warps products 29% off, while 128 rows of 64
-        or 16 tokens, 64 rows of 128 tokens, and mma.sync programs of 128 rows
-        are right.  The cause is not found.
+        (two warp groups); on wgmma (without ``warp_mma``) products of more
+        than 8,192 outputs a program (over 64 float32 accumulator registers a
+        thread); and on wgmma, down programs of 128 rows or more for blocks of
+        64 tokens or more.  On an H200, 128-row down programs gave products
+        21-24x the reference's norm with 128-token blocks at three or four
+        stages (right at one or two, and with two K tiles a loop step), and
+        infinite or NaN products with 64-token blocks at three or four stages
+        (0.5% off at two); 128-row programs of 256-token blocks on eight warps
+        were 29% off.  Right on the same GPU: 128-row down programs of 8, 16
+        or 32 tokens, 256 rows of 32, 64-row programs of 128 tokens, 128-row
+        gate/up programs of 64 tokens, and mma.sync programs of 128 rows.  In
+        the compiled kernels the right and wrong tilings have the same wgmma
+        waits (three groups in flight in the down loop), so the cause is
+        below Triton's IR and not found; benchmarks/NOTES.md has the runs.
         """
         if self.block_m < 8 or self.block_m & (self.block_m - 1):
             raise ValueError(f"FragmentConfig.block_m must be a power of two >= 8, got {self.block_m}")
@@ -87,6 +94,9 @@ class FragmentConfig:
             if not self.warp_mma and getattr(self, name) * self.block_m > 8192:
                 raise ValueError(f"FragmentConfig.{name} times block_m must be <= 8192 on wgmma (warp_mma=False), "
                                  f"got {getattr(self, name)} x {self.block_m}")
+        if not self.warp_mma and self.down_block_n >= 128 and self.block_m >= 64:
+            raise ValueError("FragmentConfig.down_block_n must be <= 64 on wgmma (warp_mma=False) for blocks of 64 "
+                             f"tokens or more, got {self.down_block_n} rows of {self.block_m}")
         if self.k_step not in (1, 2, 4):
             raise ValueError(f"FragmentConfig.k_step must be 1, 2 or 4, got {self.k_step}")
         if self.scale_after_product and self.up_block_n % 64:
